@@ -22,7 +22,8 @@ __all__ = ['tau_normalize', 'tau_normalize_', 'LearnableWeightScaling']
 def _classifier_weight(classifier: nn.Module) -> torch.Tensor:
     weight = getattr(classifier, 'weight', None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f'expected a classifier with a (C, K) .weight (nn.Linear layout), got {type(classifier).__name__}')
+        raise TypeError('expected a classifier with a (C, K) .weight (nn.Linear layout), '
+                        f'got {type(classifier).__name__}')
     return weight
 
 

@@ -85,8 +85,8 @@ def class_activation_maps(features: torch.Tensor, fc_weight: torch.Tensor, class
     """
     _check_feature_maps(features)
     if not isinstance(fc_weight, torch.Tensor) or fc_weight.dim() != 2 or fc_weight.shape[1] != features.shape[1]:
-        raise ValueError(f'fc_weight must be (C, K={features.shape[1]}), got '
-                         f'{tuple(fc_weight.shape) if isinstance(fc_weight, torch.Tensor) else type(fc_weight).__name__}')
+        got = tuple(fc_weight.shape) if isinstance(fc_weight, torch.Tensor) else type(fc_weight).__name__
+        raise ValueError(f'fc_weight must be (C, K={features.shape[1]}), got {got}')
     classes = _int_vector(classes, 'classes').to(features.device)
     if classes.numel() != features.shape[0]:
         raise ValueError(f'classes must have one entry per sample ({features.shape[0]}), got {classes.numel()}')
@@ -224,8 +224,9 @@ class FeatureSpaceAugmenter:
     computes, for every sample, the CAM of its ground-truth class and its class-generic mask.
 
     Args:
-        features: (N, K, H, W) phase-I feature maps of the training set. A tensor backed by a memory map
-            (``torch.from_numpy(np.load(path, mmap_mode='r'))``) works for banks larger than RAM.
+        features: (N, K, H, W) phase-I feature maps of the training set. With ``storage_dtype=None`` a
+            tensor backed by a memory map (``torch.from_numpy(np.load(path, mmap_mode='r'))``) is used in
+            place, for banks larger than RAM; a dtype conversion copies the bank into memory.
         labels: (N,) ground-truth classes.
         classifier_weight: (C, K) phase-I classifier weight used for the CAMs (Eq. 1); copied.
         tail_classes: (T,) classes whose samples get augmented; each needs >= 1 bank sample.
@@ -255,15 +256,15 @@ class FeatureSpaceAugmenter:
             raise ValueError(f'classifier_weight must be (C, K={k}), got '
                              f'{getattr(classifier_weight, "shape", type(classifier_weight).__name__)}')
         self.num_classes = classifier_weight.shape[0]
-        labels = _int_vector(labels, 'labels')
+        labels = _int_vector(labels, 'labels').cpu()   # validation and class tables on CPU, moved below
         if labels.numel() != n:
             raise ValueError(f'labels must have one entry per feature map ({n}), got {labels.numel()}')
         _check_range(labels, self.num_classes, 'labels')
-        tail = _int_vector(tail_classes, 'tail_classes')
+        tail = _int_vector(tail_classes, 'tail_classes').cpu()
         _check_range(tail, self.num_classes, 'tail_classes')
         if tail.numel() == 0 or tail.unique().numel() != tail.numel():
             raise ValueError(f'tail_classes must be a non-empty set of distinct classes, got {tail.tolist()}')
-        confusing = torch.as_tensor(confusing)
+        confusing = torch.as_tensor(confusing).cpu()
         if confusing.dim() != 2 or confusing.shape[0] != tail.numel() or confusing.shape[1] < 1 \
                 or confusing.is_floating_point():
             raise ValueError(f'confusing must be an integer (T={tail.numel()}, N_f) table, got '
@@ -284,8 +285,9 @@ class FeatureSpaceAugmenter:
         self.labels = labels.to(device)
         self.classifier_weight = classifier_weight.detach().to(device=device, dtype=torch.float32).clone()
         self.tail_classes = tail.to(device)
-        self.head_classes = torch.tensor([c for c in range(self.num_classes) if c not in set(tail.tolist())],
-                                         dtype=torch.long, device=device)
+        is_tail = torch.zeros(self.num_classes, dtype=torch.bool)
+        is_tail[tail] = True
+        self.head_classes = torch.nonzero(~is_tail).flatten().to(device)
         self.num_confusing = confusing.shape[1]
         self.confusing_table = torch.full((self.num_classes, self.num_confusing), -1, dtype=torch.long, device=device)
         self.confusing_table[self.tail_classes] = confusing.to(device)
@@ -318,7 +320,8 @@ class FeatureSpaceAugmenter:
         """
         weight = getattr(classifier, 'weight', None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TypeError(f'classifier must expose a (C, K) .weight (nn.Linear layout), got {type(classifier).__name__}')
+            raise TypeError('classifier must expose a (C, K) .weight (nn.Linear layout), '
+                            f'got {type(classifier).__name__}')
         _check_feature_maps(features)
         labels = _int_vector(labels, 'labels')
         num_classes = weight.shape[0]
@@ -332,7 +335,8 @@ class FeatureSpaceAugmenter:
         _, tail = head_tail_split(counts, head_ratio)
         tail = tail[counts[tail] > 0]
         if tail.numel() == 0:
-            raise ValueError(f'head_ratio={head_ratio} leaves no tail class with samples (class counts {counts.tolist()})')
+            raise ValueError(f'head_ratio={head_ratio} leaves no tail class with samples '
+                             f'(class counts {counts.tolist()})')
         confusing = confusing_classes(scores, labels.cpu(), num_classes, tail, top_n=num_confusing)
         return cls(features, labels, weight, tail, confusing, tau_s=tau_s, tau_g=tau_g, storage_dtype=storage_dtype)
 

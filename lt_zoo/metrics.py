@@ -21,7 +21,7 @@ from .samplers import validate_class_counts
 
 __all__ = [
     "top1_accuracy", "per_class_accuracy", "balanced_accuracy", "shot_groups", "shot_accuracy",
-    "calibration_bins", "expected_calibration_error", "confusion_matrix", "evaluate",
+    "calibration_bins", "ece_from_bins", "expected_calibration_error", "confusion_matrix", "evaluate",
 ]
 
 #: rows per chunk when reducing logits, so ImageNet-size (50k x 1000) evaluations stay small in memory.
@@ -156,7 +156,8 @@ def calibration_bins(logits, targets, n_bins: int = 15) -> Dict[str, list]:
     }
 
 
-def _ece_from_bins(bins: Dict[str, list]) -> float:
+def ece_from_bins(bins: Dict[str, list]) -> float:
+    """ECE from the output of :func:`calibration_bins`."""
     total = sum(bins["count"])
     return float(sum(k / total * abs(a - c)
                      for k, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if k))
@@ -164,7 +165,7 @@ def _ece_from_bins(bins: Dict[str, list]) -> float:
 
 def expected_calibration_error(logits, targets, n_bins: int = 15) -> float:
     """``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` (fraction, not percent)."""
-    return _ece_from_bins(calibration_bins(logits, targets, n_bins))
+    return ece_from_bins(calibration_bins(logits, targets, n_bins))
 
 
 def evaluate(logits, targets, class_counts, many_threshold: float = 100, few_threshold: float = 20,

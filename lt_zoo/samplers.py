@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -53,8 +54,8 @@ def validate_class_counts(class_counts, name: str = "class_counts") -> np.ndarra
     vector, non-integers, zeros or negatives, naming the offending positions and values.
     """
     if isinstance(class_counts, torch.Tensor):
-        class_counts = class_counts.detach().cpu().tolist()
-    elif isinstance(class_counts, np.ndarray):
+        class_counts = class_counts.detach().cpu().numpy()
+    if isinstance(class_counts, np.ndarray):
         if class_counts.ndim != 1:
             raise ValueError(f"{name} must be 1-D (one count per class); got shape {class_counts.shape}")
         class_counts = class_counts.tolist()
@@ -262,7 +263,7 @@ class ClassWeightedSampler(Sampler[int]):
         self._order = torch.from_numpy(np.argsort(y, kind="stable"))
         self._starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
         self._counts = torch.from_numpy(counts)
-        self._q = torch.from_numpy(q)
+        self._q = torch.tensor(q)
         self._num_total = len(y)
 
     def set_epoch(self, epoch: int) -> None:

@@ -46,9 +46,9 @@ def label_array(ds: datasets.Dataset, label_column: str) -> np.ndarray:
     """Labels as an int64 array of shape (len(ds),), bypassing any transform and image decoding."""
     if label_column not in ds.column_names:
         raise ValueError(f"label column {label_column!r} not found; available columns: {ds.column_names}")
-    # with_format drops a with_transform view, so no image is decoded; respects select() indices.
-    values = ds.with_format("numpy", columns=[label_column])[label_column]
-    values = np.asarray(values)
+    # One Arrow query for the whole column: drops any with_transform view (no image is decoded) and
+    # respects select() indices; iterating ds[label_column] (a lazy Column in datasets 5) is ~1000x slower.
+    values = ds.with_format("arrow", columns=[label_column])[:][label_column].to_numpy()
     if values.size and not np.issubdtype(values.dtype, np.integer):
         raise TypeError(f"label column {label_column!r} holds {values.dtype} values; expected integer "
                         f"class ids (a ClassLabel or int column)")

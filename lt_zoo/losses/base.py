@@ -26,6 +26,10 @@ __all__ = ["ClassCountLoss", "adjusted_cross_entropy", "focal_modulate", "REDUCT
 
 REDUCTIONS = ("mean", "weighted_mean")
 
+# Largest |cosine| accepted: 1 plus room for half-precision rounding in the cosine head; scaled
+# logits (s = 15..30) exceed it by far.
+_COSINE_LIMIT = 1.05
+
 
 def focal_modulate(per_sample_ce: Tensor, gamma: float, detach: bool = False) -> Tensor:
     """Focal loss from per-sample CE (B,): ``(1 - p)^gamma * ce`` with ``p = exp(-ce)``.
@@ -80,7 +84,7 @@ def _check_number(name: str, value, low: float = -math.inf, high: float = math.i
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must lie in {interval}; got {value!r}")
     return float(value)
 
@@ -137,7 +141,7 @@ class ClassCountLoss(nn.Module):
         if self.check_inputs:
             bad = ~torch.isfinite(logits).all() | (target < 0).any() | (target >= self.num_classes).any()
             if self.expects_cosine:
-                bad = bad | (logits.detach().abs() > 1.0 + 1e-3).any()
+                bad = bad | (logits.detach().abs() > _COSINE_LIMIT).any()
             if bad.item():
                 self._raise_bad_values(logits, target, what)
         if logits.dtype in (torch.float16, torch.bfloat16):
@@ -158,7 +162,7 @@ class ClassCountLoss(nn.Module):
             shown = [(tuple(int(v) for v in p), float(x[tuple(p)])) for p in nonfinite[:5]]
             raise ValueError(f"{name}: {what} contain {len(nonfinite)} non-finite values, "
                              f"(index, value): {shown}")
-        outside = (x.abs() > 1.0 + 1e-3).nonzero()
+        outside = (x.abs() > _COSINE_LIMIT).nonzero()
         shown = [(tuple(int(v) for v in p), float(x[tuple(p)])) for p in outside[:5]]
         raise ValueError(f"{name} expects cosine similarities in [-1, 1] (divide a cosine head's "
                          f"scaled logits by its scale); {len(outside)} values outside, (index, value): "

@@ -6,6 +6,7 @@ baseline at these depths is timm's own ``resnet50`` etc.; registered here are ``
 ``resnet50_cbn`` and the ``_gcl`` (cosine head) versions of BN, NBN and CBN.
 """
 import functools
+import inspect
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -16,7 +17,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
 from ._builder import HEADS, create_head, model_name, register_variants, setup_norms
-from .cifar_resnet import _paper, _check_stem
+from .cifar_resnet import _BUILDER_KWARGS, _paper, _check_stem
 
 __all__ = ['LtResNet', 'IMAGENET_DEPTHS']
 
@@ -74,11 +75,21 @@ _VARIANTS = [(d, n, h) for d in IMAGENET_DEPTHS for n in NORMS for h in HEADS if
 default_cfgs = generate_default_cfgs({model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS})
 
 
+# timm ResNet's own keyword options (block/layers/norm_layer are set by the variant) plus the head's
+_MODEL_KWARGS = tuple(k for k in list(inspect.signature(ResNet.__init__).parameters)[3:] if k != 'norm_layer') + (
+    'cosine_scale',)
+
+
 def _create(variant: str, depth: str, norm: str, head: str, pretrained: bool = False, **kwargs) -> LtResNet:
     norm_opts = split_norm_kwargs(norm, kwargs)
     if 'norm_layer' in kwargs:
         raise ValueError(f"{variant} sets its own norm layer ('{norm}'); use timm's plain resnet for a custom "
                          f"norm_layer")
+    valid = sorted(set(_MODEL_KWARGS + _BUILDER_KWARGS))
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {variant}; valid: {valid}"
+                         f" plus the norm options of its norm '{norm}'")
     block, layers = IMAGENET_DEPTHS[depth]
     model = build_model_with_cfg(
         LtResNet, variant, pretrained, block=block, layers=layers, head=head,

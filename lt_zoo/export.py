@@ -1,0 +1,76 @@
+"""Export a trained model as a timm checkpoint folder: ``model.safetensors`` + ``config.json``.
+
+The folder loads back with ``timm.create_model('local-dir:' + folder, pretrained=True)`` (after
+``import lt_zoo``) and is what ``lt_zoo.hub`` uploads.  Only safetensors are written or read.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch.nn as nn
+from timm.models import save_for_hf
+
+from .layers.normalized_bn import fold_nbn as _fold_nbn
+
+__all__ = ['export_model', 'load_exported', 'read_export_config', 'WEIGHTS_NAME', 'CONFIG_NAME']
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+
+
+def export_model(
+        model: nn.Module,
+        out_dir: str,
+        *,
+        class_names: Optional[Sequence[str]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        fold_nbn: bool = False,
+) -> Path:
+    """Write ``model.safetensors`` and timm's ``config.json`` into ``out_dir`` (created if needed).
+
+    Both files are written to a temporary folder first and moved into place, so an interrupted
+    export never leaves a half-written checkpoint next to a complete one.
+    Args:
+        class_names: stored as ``label_names`` in config.json.
+        data_config: input_size/mean/std/crop_pct/interpolation overriding the registry cfg.
+        fold_nbn: replace NBN layers by plain BN first (``architecture`` becomes the BN model's name
+            for ImageNet depths, i.e. timm's own resnet; see ``lt_zoo.fold_nbn``).
+    """
+    if not hasattr(model, 'pretrained_cfg'):
+        raise ValueError('export_model needs a model created by timm.create_model (it has no pretrained_cfg)')
+    if fold_nbn:
+        model = _fold_nbn(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_config = {'label_names': list(class_names)} if class_names is not None else None
+    with tempfile.TemporaryDirectory(dir=out, prefix='.export-') as tmp:
+        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), out / name)
+    return out
+
+
+def read_export_config(folder: str) -> Dict[str, Any]:
+    """config.json of an exported folder, with a clear error when the folder is not an export."""
+    folder = str(folder)
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        others = [n for n in ('pytorch_model.bin', 'model.pth', 'checkpoint.pth.tar') if
+                  os.path.isfile(os.path.join(folder, n))]
+        extra = f"; found pickle checkpoint(s) {others}, which lt_zoo refuses to unpickle" if others else ''
+        raise FileNotFoundError(f"{folder!r} is not an exported lt_zoo/timm model: missing {missing}{extra}")
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        cfg = json.load(f)
+    if 'architecture' not in cfg:
+        raise ValueError(f"{folder}/config.json has no 'architecture' key; it is not a timm model config")
+    return cfg
+
+
+def load_exported(folder: str, **kwargs) -> nn.Module:
+    """Create the model of an exported folder with its weights (timm ``local-dir:`` loading)."""
+    import timm
+    read_export_config(folder)
+    return timm.create_model('local-dir:' + os.path.abspath(folder), pretrained=True, **kwargs)

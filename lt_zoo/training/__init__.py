@@ -1,0 +1,1 @@
+"""Pieces of the training script that are worth testing on their own (config, dual path, mixup, runs)."""
