@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from lt_zoo.data import class_counts, hash_indices, label_array, long_tail_counts, make_long_tailed
+from lt_zoo.data import class_counts, hash_indices, long_tail_counts, make_long_tailed
 
 
 def balanced_labels(n_per_class, num_classes, seed=123):
@@ -54,11 +54,11 @@ def test_make_long_tailed_synthetic_balanced_exact_per_class(n_per_class, num_cl
     labels = balanced_labels(n_per_class, num_classes)
     subset, info = make_long_tailed(label_dataset(labels, num_classes), "label", imbalance_factor=100)
     expected = [int(n_per_class * 0.01 ** (i / (num_classes - 1))) for i in range(num_classes)]
-    got = np.bincount(label_array(subset, "label"), minlength=num_classes).tolist()
+    got = np.bincount(np.asarray(subset[:]["label"]), minlength=num_classes).tolist()
     assert got == expected == info.counts
     assert len(subset) == total == len(info.indices)
     assert info.n_max == n_per_class
-    np.testing.assert_array_equal(label_array(subset, "label"), labels[info.indices])
+    np.testing.assert_array_equal(np.asarray(subset[:]["label"]), labels[info.indices])
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -107,7 +107,7 @@ def test_step_profile_counts_and_subset():
     assert long_tail_counts(5000, 10, 100, profile="step") == [5000] * 5 + [50] * 5
     assert long_tail_counts(1000, 10, 10, profile="step", step_ratio=0.3) == [1000] * 7 + [100] * 3
     subset, info = make_long_tailed(label_dataset(balanced_labels(100, 4), 4), "label", 4, profile="step")
-    assert np.bincount(label_array(subset, "label")).tolist() == [100, 100, 25, 25] == info.counts
+    assert np.bincount(np.asarray(subset[:]["label"])).tolist() == [100, 100, 25, 25] == info.counts
 
 
 def test_n_max_from_sequence_and_explicit_n_max():

@@ -72,12 +72,14 @@ def build_data(cfg):
 
 def build_loaders(cfg, data, mean, std, two_view: bool, sampler):
     common = dict(input_size=cfg['input_size'], in_chans=data['in_chans'], mean=mean, std=std)
-    weak = ltdata.create_transform('weak', pad=cfg['pad'], hflip=cfg['hflip'], **common)
-    train_tf = ltdata.TwoView(weak, ltdata.create_transform('strong', pad=cfg['pad'], hflip=cfg['hflip'],
-                                                            strong=cfg['strong_aug'], **common)) if two_view else weak
+    aug = dict(pad=cfg['pad'], hflip=cfg['hflip'], train_crop=cfg['train_crop'], **common)
+    weak = ltdata.create_transform('weak', **aug)
+    train_tf = ltdata.TwoView(weak, ltdata.create_transform('strong', strong=cfg['strong_aug'], **aug)) \
+        if two_view else weak
     cols = (data['splits'].image_column, data['splits'].label_column)
     train_ds = ltdata.attach_transform(data['train'], train_tf, *cols)
-    test_ds = ltdata.attach_transform(data['splits'].test, ltdata.create_transform('eval', **common), *cols)
+    test_ds = ltdata.attach_transform(data['splits'].test,
+                                      ltdata.create_transform('eval', crop_pct=cfg['crop_pct'], **common), *cols)
     loader = dict(batch_size=cfg['batch_size'], num_workers=cfg['num_workers'], collate_fn=ltdata.collate)
     train_dl = DataLoader(train_ds, sampler=sampler, drop_last=False, **loader)
     test_dl = DataLoader(test_ds, shuffle=False, **loader)
@@ -164,8 +166,13 @@ def evaluate_model(cfg, accelerator, model, loader, counts, progress):
 
 
 # ------------------------------------------------------------------------------------------- training
-def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sampler, test_dl, counts, loss_fn):
-    """The epoch loop shared by stage 1, cRT and LWS: step, evaluate, log, checkpoint, resume."""
+def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sampler, test_dl, counts, loss_fn,
+                 eval_model=None):
+    """The epoch loop shared by stage 1, cRT and LWS: step, evaluate, log, checkpoint, resume.
+
+    ``model`` is what trains (the network, its dual-path wrapper, or only the head in stage 2);
+    ``eval_model`` maps images to logits (default: ``model``).
+    """
     steps_per_epoch = math.ceil(len(train_dl) / cfg['gradient_accumulation_steps'])
     optimizer, scheduler = make_optimizer(cfg, params, steps_per_epoch, cfg['epochs'])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -181,6 +188,9 @@ def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sa
     progress = cfg['progress'] and accelerator.is_local_main_process
     result = None
     for epoch in range(state.epoch, cfg['epochs']):
+        # The prepared loader re-sets the sampler's epoch from its own pass counter, which restarts at 0
+        # in a resumed process: set both, or epoch e after a resume replays epoch 0's draw.
+        train_dl.set_epoch(epoch)
         sampler.set_epoch(epoch)
         loss_fn.set_epoch(epoch)
         model.train()
@@ -202,7 +212,7 @@ def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sa
         record = {'epoch': epoch + 1, 'lr': scheduler.get_last_lr()[0], 'time_s': round(time.time() - start, 2),
                   **{f'train_{k}': v / max(n, 1) for k, v in sums.items()}}
         if (epoch + 1) % cfg['eval_every'] == 0 or epoch + 1 == cfg['epochs']:
-            result = evaluate_model(cfg, accelerator, model, test_dl, counts, progress)
+            result = evaluate_model(cfg, accelerator, eval_model or model, test_dl, counts, progress)
             record.update({f'test_{k}': result[k] for k in ('top1', 'balanced_acc', 'many', 'medium', 'few', 'ece')})
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         if accelerator.is_main_process:
@@ -305,7 +315,18 @@ def run_fsa(cfg, accelerator, model, train_dl, counts):
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
+    """Command-line entry: parse ``--config``/overrides, train, return the final evaluation dict."""
     cfg = load_config(argv)
+    cfg['command'] = ' '.join(['train/train.py'] + (list(argv) if argv is not None else sys.argv[1:]))
+    return run(cfg)[0]
+
+
+def run(cfg):
+    """Train and evaluate one configured run; returns (final evaluation dict, trained model on CPU).
+
+    The final evaluation is None (and the model None) when the run stopped early (stop_after_epoch).
+    """
+    command = cfg.pop('command', 'train/train.py')
     if cfg['loss'] not in list_losses():
         raise ValueError(f"unknown loss {cfg['loss']!r}; valid: {list_losses()}")
     if cfg['sampler'] not in list_samplers():
@@ -359,7 +380,7 @@ def main(argv=None):
         trained = train_epochs(cfg, accelerator, run_dir, wrapped, step, list(model.parameters()), train_dl,
                                sampler, test_dl, data['counts'], loss_fn)
         if trained is None:
-            return None
+            return None, None
         model = trained.model if cfg['dual_path'] else trained
     elif cfg['stage'] in ('crt', 'lws'):
         if cfg['stage'] == 'lws':
@@ -375,9 +396,9 @@ def main(argv=None):
         model.to(accelerator.device)
         step = classifier_step_fn(model, loss_fn, cfg, mix_gen)
         trained = train_epochs(cfg, accelerator, run_dir, head, step, params, train_dl, sampler, test_dl,
-                               data['counts'], loss_fn)
+                               data['counts'], loss_fn, eval_model=model)
         if trained is None:
-            return None
+            return None, None
         if cfg['stage'] == 'lws':
             model.fc = model.fc.to_linear()
     elif cfg['stage'] == 'tau_norm':
@@ -395,7 +416,7 @@ def main(argv=None):
                      class_counts=data['counts'].tolist(), long_tail=data['lt'],
                      train_images=int(len(data['train'])), test_images=int(len(data['splits'].test)),
                      wall_time_s=round(time.time() - start, 1), world_size=accelerator.num_processes,
-                     command=' '.join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])))
+                     command=command)
         with open(Path(run_dir) / 'eval.json', 'w') as f:
             json.dump(final, f, indent=2)
         plot_per_class_accuracy(final['per_class_acc'], data['counts'].tolist(), str(Path(run_dir) / 'per_class_accuracy.png'),
@@ -403,12 +424,12 @@ def main(argv=None):
                                 title=f"{cfg['method']} ({model.pretrained_cfg.get('architecture')}): balanced acc "
                                       f"{final['balanced_acc']:.3f}")
         data_config = dict(input_size=(data['in_chans'], cfg['input_size'], cfg['input_size']), mean=tuple(mean),
-                           std=tuple(std), crop_pct=1.0, interpolation='bilinear')
+                           std=tuple(std), crop_pct=cfg['crop_pct'], interpolation='bilinear')
         export_model(model.cpu(), run_dir, class_names=data['splits'].class_names, data_config=data_config)
         print_table(final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
+    return final, model.cpu()
 
 
 def print_table(result):

@@ -98,7 +98,8 @@ def load_fashion_mnist(data_dir: Optional[str] = None, cache_dir: Optional[str] 
     `FASHION_MNIST_CLASSES` whichever the source.
     """
     if data_dir is None and not os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
-        ds = datasets.load_dataset(FASHION_MNIST_HUB_NAME, cache_dir=None if cache_dir is None else os.fspath(cache_dir))
+        hf_cache = None if cache_dir is None else os.fspath(cache_dir)
+        ds = datasets.load_dataset(FASHION_MNIST_HUB_NAME, cache_dir=hf_cache)
         names = datasets.ClassLabel(names=list(FASHION_MNIST_CLASSES))
         return datasets.DatasetDict({k: ds[k].cast_column("label", names) for k in ("train", "test")})
     data_dir = DEBIAN_FASHION_MNIST_DIR if data_dir is None else os.fspath(data_dir)

@@ -17,29 +17,34 @@ class ImageReadError(ValueError):
     """An image file or blob could not be decoded.
 
     `index` is the dataset row when known (filled in by `TransformedDataset`), `path` the file (None
-    for images embedded as bytes), `position` the row's position inside the batch that was decoded.
-    `message` alone rebuilds the error (torch's DataLoader re-raises worker errors as `cls(message=...)`).
+    for images embedded as bytes), `position` the row's position inside the decoded batch. The message
+    is the only positional argument, so torch's DataLoader can re-raise it from a worker as `cls(msg)`.
     """
 
-    def __init__(self, path: Optional[str] = None, cause: Optional[BaseException] = None, *,
-                 index: Optional[int] = None, position: Optional[int] = None, message: Optional[str] = None):
-        self.path, self.cause, self.index, self.position = path, cause, index, position
-        if message is None:
-            where = f"index {index}" if index is not None else (
-                f"batch position {position}" if position is not None else "unknown index")
-            what = f"file {path!r}" if path else "embedded image bytes"
-            message = f"cannot read image at {where} ({what}): {type(cause).__name__}: {cause}"
+    def __init__(self, message: str, *, path: Optional[str] = None, index: Optional[int] = None,
+                 position: Optional[int] = None, cause: Optional[BaseException] = None):
         super().__init__(message)
+        self.path, self.index, self.position, self.cause = path, index, position, cause
+
+    @classmethod
+    def build(cls, path: Optional[str], cause: Optional[BaseException], *, index: Optional[int] = None,
+              position: Optional[int] = None) -> "ImageReadError":
+        where = f"index {index}" if index is not None else (
+            f"batch position {position}" if position is not None else "unknown index")
+        what = f"file {path!r}" if path else "embedded image bytes"
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else "unreadable"
+        return cls(f"cannot read image at {where} ({what}): {reason}", path=path, index=index,
+                   position=position, cause=cause)
 
     def with_index(self, index: int) -> "ImageReadError":
-        return ImageReadError(self.path, self.cause, index=index, position=self.position)
+        return ImageReadError.build(self.path, self.cause, index=index, position=self.position)
 
     def __reduce__(self):
         return (_rebuild_image_read_error, (str(self), self.path, self.index, self.position))
 
 
 def _rebuild_image_read_error(message, path, index, position):
-    return ImageReadError(path, None, index=index, position=position, message=message)
+    return ImageReadError(message, path=path, index=index, position=position)
 
 
 def describe_image_value(value: Any) -> Optional[str]:
@@ -61,4 +66,4 @@ def decode_image(value: Any, *, index: Optional[int] = None, position: Optional[
     try:
         return _DECODER.decode_example(value)
     except Exception as err:  # PIL raises several unrelated types (OSError, SyntaxError, ValueError)
-        raise ImageReadError(describe_image_value(value), err, index=index, position=position) from err
+        raise ImageReadError.build(describe_image_value(value), err, index=index, position=position) from err

@@ -27,12 +27,12 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 def encode_png_batch(images: np.ndarray, compress_level: int = 0) -> List[bytes]:
     """uint8 array (N, H, W) or (N, H, W, 3) -> N PNG files as bytes (8-bit, filter 0, no interlace)."""
     images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in _COLOR_TYPES):
+    channels = 1 if images.ndim == 3 else (images.shape[3] if images.ndim == 4 else 0)
+    if images.dtype != np.uint8 or channels not in _COLOR_TYPES:
         raise ValueError(f"expected uint8 images (N, H, W) or (N, H, W, 3); got {images.dtype} {images.shape}")
     if not 0 <= compress_level <= 9:
         raise ValueError(f"compress_level={compress_level} must be in 0..9")
     n, height, width = images.shape[:3]
-    channels = 1 if images.ndim == 3 else images.shape[3]
     header = _SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0))
     trailer = _chunk(b"IEND", b"")
     # Each scanline is prefixed by its filter type byte (0 = None).

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import datasets
+
 from .builtin import load_digits, load_fashion_mnist
 from .columns import label_array, resolve_columns
 from .list_file import load_list_file, parse_list_file
@@ -124,7 +125,8 @@ def load_splits(source: str, *, data_dir: Optional[str] = None, data_files: Any 
     'listfile' (data_files={'train': list.txt, ...}, data_dir = image root) | any Hub dataset name
     (datasets.load_dataset; e.g. 'uoft-cs/cifar10', 'uoft-cs/cifar100', 'zalando-datasets/fashion_mnist').
     Columns are detected (image/img, label/labels/fine_label) unless given; int or string labels
-    become a ClassLabel shared by both splits.
+    become a ClassLabel shared by both splits. cache_dir: datasets' cache for load_dataset sources and
+    the lt_zoo cache of built-in builds (default ~/.cache/lt_zoo). test_split=None gives test=None.
     """
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a non-empty string, got {source!r}")

@@ -5,13 +5,13 @@ to put the row index into image-decoding errors (the transform itself never sees
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
 import torch
 
-from .columns import label_array, resolve_columns
+from .columns import label_array, num_classes_of, resolve_columns
 from .decode import ImageReadError, decode_image
 
 __all__ = ["BatchTransform", "TransformedDataset", "attach_transform", "collate"]
@@ -40,14 +40,13 @@ class TransformedDataset(torch.utils.data.Dataset):
     `labels` (int64 array, no decoding) and `num_classes` serve samplers and class-count losses.
     """
 
-    def __init__(self, ds: datasets.Dataset, transform: Callable, image_column: str, label_column: str):
+    def __init__(self, ds: datasets.Dataset, transform: Callable, image_column: Optional[str] = None,
+                 label_column: Optional[str] = None):
         image_column, label_column = resolve_columns(ds, image_column, label_column)
         if not isinstance(ds.features[image_column], datasets.Image):
             raise TypeError(f"column {image_column!r} has feature {ds.features[image_column]}; expected datasets.Image")
         self.labels = label_array(ds, label_column)
-        feature = ds.features[label_column]
-        self.num_classes = (int(feature.num_classes) if isinstance(feature, datasets.ClassLabel)
-                            else int(self.labels.max()) + 1 if self.labels.size else 0)
+        self.num_classes = num_classes_of(ds, label_column, self.labels)
         self.image_column, self.label_column = image_column, label_column
         self.dataset = (ds.with_format(None)
                         .cast_column(image_column, datasets.Image(decode=False))
@@ -79,8 +78,8 @@ class TransformedDataset(torch.utils.data.Dataset):
         return [{"image": img, "label": y} for img, y in zip(batch["image"], batch["label"])]
 
 
-def attach_transform(ds: datasets.Dataset, transform: Callable, image_column: str = None,
-                     label_column: str = None) -> TransformedDataset:
+def attach_transform(ds: datasets.Dataset, transform: Callable, image_column: Optional[str] = None,
+                     label_column: Optional[str] = None) -> TransformedDataset:
     """Torch-ready dataset of {'image': transform(img), 'label': int}; works with num_workers=0 and > 0."""
     return TransformedDataset(ds, transform, image_column, label_column)
 

@@ -97,7 +97,7 @@ def create_transform(kind: str, *, input_size: Union[int, Sequence[int]], in_cha
                      crop_pct: float = 1.0, randaugment_ops: int = 2, randaugment_magnitude: int = 9) -> Any:
     """Build a PIL -> float32 tensor (in_chans, H, W) pipeline.
 
-    kind: 'weak'   mode/resize, RandomCrop(size, padding=pad) (pad=4: LDAM-DRW CIFAR recipe, METHODS.md §7),
+    kind: 'weak'   mode/resize, RandomCrop(size, padding=pad) (pad=4: LDAM-DRW cifar_train.py),
                    horizontal flip (hflip=True; switch off for digits), to tensor, normalise.
           'strong' weak + AutoAugment CIFAR10 policy (strong='autoaugment', BALMS) or RandAugment
                    (torchvision defaults num_ops=2, magnitude=9), then to tensor, normalise.

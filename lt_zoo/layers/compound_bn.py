@@ -236,12 +236,8 @@ class CompoundBatchNorm2d(nn.Module):
                 return self._forward(x, groups, sync)
         return self._forward(x, groups, sync)
 
-    def _temperature(self) -> float:
-        return float(self.num_features) if self.temperature == 'channels' else float(self.temperature)
-
     def _forward(self, x: torch.Tensor, groups: Optional[torch.Tensor], sync: bool) -> torch.Tensor:
         n, c, h, w = x.shape
-        m_comp = self.num_components
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         prior = self.running_prior.to(cdt)
         mean = self.running_mean.to(cdt)
@@ -251,109 +247,282 @@ class CompoundBatchNorm2d(nn.Module):
         shift = (prior / prior.sum()) @ mean
         xc = torch.sub(x, shift.view(1, c, 1, 1))  # promotes bf16/fp16 to fp32
         cl = not xc.is_contiguous() and xc.is_contiguous(memory_format=torch.channels_last)
-        # cf: (N, C, L) batched matrices; cl: one (P, C) matrix (free view of channels_last memory).
-        X = xc.permute(0, 2, 3, 1).reshape(n * h * w, c) if cl else xc.reshape(n, c, h * w)
-        X2 = X * X
-        mean_c = mean - shift
-
-        if groups is None:
-            grad_r = self.responsibility_grad and torch.is_grad_enabled()
-            with torch.set_grad_enabled(grad_r):
-                R = self._responsibilities(X, X2, prior, mean_c, var, cl)
-        else:
-            R = F.one_hot(groups, m_comp).to(cdt)  # (N, M), one row per image
-
-        w_comb = R
-        if self.training:
-            counts, s1, s2 = self._moments(X, X2, R, groups is not None, cl, h * w)
-            if sync:
-                packed = torch.cat([counts.unsqueeze(1), s1, s2], 1)
-                packed = torch.distributed.nn.functional.all_reduce(packed)
-                counts, s1, s2 = packed[:, 0], packed[:, 1:c + 1], packed[:, c + 1:]
-            counts_nd = counts.detach()
-            active = counts_nd > _MIN_COUNT
-            safe = torch.where(active, counts, torch.ones_like(counts)).unsqueeze(1)
-            bmean_c = s1 / safe
-            bvar = (s2 / safe - bmean_c * bmean_c).clamp_min(0)
-            if self.momentum > 0:
-                self._update_running(counts_nd, active, bmean_c.detach() + shift, bvar.detach(), groups is None)
-            if self.train_stats == 'batch':
-                norm_mean = torch.where(active.unsqueeze(1), bmean_c, mean_c)
-                norm_var = torch.where(active.unsqueeze(1), bvar, var)
-                batch_prior = counts_nd / counts_nd.sum()
-            else:
-                norm_mean, norm_var, batch_prior = mean_c, var, prior
-        else:
-            norm_mean, norm_var, batch_prior = mean_c, var, prior
-        if groups is None and self.combine == 'mn':
-            floor = torch.finfo(cdt).tiny
-            w_comb = R * batch_prior.clamp_min(floor).rsqrt().view((1, m_comp) + (() if cl else (1,)))
-
-        # Fold normalisation and affine per component: branch k is A_k * x + B_k (shifted coordinates).
-        scale = self.weight.to(cdt) * torch.rsqrt(norm_var + self.eps)
-        ab = torch.cat([scale, self.bias.to(cdt) - scale * norm_mean], 1)  # (M, 2C)
-        if groups is not None:
-            sab = w_comb @ ab  # (N, 2C): per image
-            if cl:
-                y = torch.addcmul(sab[:, None, c:], X.view(n, h * w, c), sab[:, None, :c])
-                y = y.view(n, h, w, c).permute(0, 3, 1, 2)
-            else:
-                y = torch.addcmul(sab[:, c:, None], X, sab[:, :c, None]).view(n, c, h, w)
-        elif cl:
-            sab = w_comb @ ab  # (P, 2C)
-            y = torch.addcmul(sab[:, c:], X, sab[:, :c]).view(n, h, w, c).permute(0, 3, 1, 2)
-        else:
-            sab = torch.matmul(ab.t(), w_comb)  # (2C, M) @ (N, M, L) -> (N, 2C, L)
-            y = torch.addcmul(sab[:, c:], X, sab[:, :c]).view(n, c, h, w)
+        lay = _Layout(cl, groups is not None, n, c, h * w)
+        X = xc.permute(0, 2, 3, 1).reshape(n, h * w, c) if cl else xc.reshape(n, c, h * w)
+        run = (prior, mean - shift, var)
+        grad = torch.is_grad_enabled() and (xc.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
+        if grad and self.responsibility_grad and groups is None:
+            y = self._forward_autograd(X, run, shift, lay, sync)
+        elif grad:
+            y = _CompoundNormFn.apply(X, self.weight, self.bias, self, run, shift, lay, sync, groups)
+        else:  # no graph: X is our own temporary and may be overwritten
+            y = self._forward_fused(X, self.weight, self.bias, run, shift, lay, sync, groups, keep_x=False)[0]
+        y = y.view(n, h, w, c).permute(0, 3, 1, 2) if cl else y.view(n, c, h, w)
         return y.to(x.dtype)
 
-    def _responsibilities(self, X, X2, prior, mean_c, var, cl: bool) -> torch.Tensor:
-        """r = softmax_k(l / T) from the running statistics: (N, M, L) for cf, (P, M) for cl."""
+    def _temperature(self) -> float:
+        return float(self.num_features) if self.temperature == 'channels' else float(self.temperature)
+
+    def _estep_coefficients(self, run):
+        """l_pk / T = (x_p^2 . w2_k + x_p . w1_k + const_k), the -C/2 log 2 pi constant dropped."""
+        prior, mean_c, var = run
         var = var.clamp_min(self.eps)
         ivar = var.reciprocal()
         w1 = mean_c * ivar
-        w2 = -0.5 * ivar
         const = (prior.clamp_min(torch.finfo(prior.dtype).tiny).log()
                  - 0.5 * (var.log().sum(1) + (mean_c * w1).sum(1)))
-        if cl:
-            logits = torch.addmm(const.unsqueeze(0), X, w1.t())
-            logits = logits.addmm_(X2, w2.t())
-        else:
-            logits = torch.matmul(w1, X).add_(torch.matmul(w2, X2)).add_(const.view(1, -1, 1))
         t = self._temperature()
-        if t != 1.0:
-            logits = logits / t
-        return torch.softmax(logits, dim=1)
+        return w1 / t, ivar * (-0.5 / t), const / t
 
-    @staticmethod
-    def _moments(X, X2, R, split: bool, cl: bool, hw: int):
-        """N_k (M,), S1 = R^T X (M, C), S2 = R^T X^2 (M, C), over this process's vectors."""
-        if split:  # R is (N, M) per image: sum each image's vectors first
-            if cl:
-                n = R.shape[0]
-                t1, t2 = X.view(n, hw, -1).sum(1), X2.view(n, hw, -1).sum(1)
+    def _m_step(self, lay: '_Layout', R, X, X2, shift, run, sync: bool, autograd: bool):
+        """Batch statistics (global under DDP), running update, and the statistics that normalise.
+
+        Returns (mean, var, prior) used for normalising/combining, the safe counts (M, 1) and the
+        (M, 1) mask of components normalised with batch statistics (None: none is).
+        """
+        prior, mean_c, var = run
+        c = self.num_features
+        counts = lay.counts(R)
+        s1 = lay.moments(R, X)
+        s2 = lay.moments(R, X2) if X2 is not None else lay.moments_sq(R, X)
+        if sync:
+            packed = torch.cat([counts.unsqueeze(1), s1, s2], 1)
+            if autograd:
+                import torch.distributed.nn.functional as dist_fn
+                packed = dist_fn.all_reduce(packed)
             else:
-                t1, t2 = X.sum(2), X2.sum(2)
-            return R.sum(0) * hw, R.t() @ t1, R.t() @ t2
-        if cl:
-            return R.sum(0), R.t() @ X, R.t() @ X2
-        rt = R.transpose(1, 2)  # (N, L, M)
-        return R.sum((0, 2)), torch.matmul(X, rt).sum(0).t(), torch.matmul(X2, rt).sum(0).t()
+                dist.all_reduce(packed)
+            counts, s1, s2 = packed[:, 0], packed[:, 1:c + 1], packed[:, c + 1:]
+        raw = counts.detach()
+        active = raw > _MIN_COUNT
+        safe = torch.where(active, counts, torch.ones_like(counts)).unsqueeze(1)
+        bmean_c = s1 / safe
+        bvar = (s2 / safe - bmean_c * bmean_c).clamp_min(0)
+        if self.momentum > 0:
+            self._update_running(raw, active, bmean_c.detach() + shift, bvar.detach(), not lay.split)
+        if self.train_stats == 'running':
+            return mean_c, var, prior, safe, None
+        mask = active.unsqueeze(1)
+        return (torch.where(mask, bmean_c, mean_c), torch.where(mask, bvar, var), counts / counts.sum(),
+                safe, mask)
+
+    def _combine_weights(self, R, prior, lay: '_Layout'):
+        """Weights of the branch sum (Eq. 16): r_pk, or r_pk / sqrt(pi_k) for combine='mn'."""
+        if lay.split or self.combine == 'posterior':
+            return R
+        return R * lay.per_component(prior.clamp_min(torch.finfo(R.dtype).tiny).rsqrt())
+
+    def _fold(self, weight, bias, mean_c, var):
+        """Branch k as A_k x + B_k: A = gamma / sqrt(var + eps), B = beta - A mean; also 1/sqrt(var + eps)."""
+        inv = torch.rsqrt(var + self.eps)
+        scale = weight.to(inv.dtype) * inv
+        return scale, bias.to(inv.dtype) - scale * mean_c, inv
+
+    def _statistics(self, lay, R, X, X2, shift, run, sync, autograd):
+        if self.training:
+            return self._m_step(lay, R, X, X2, shift, run, sync, autograd)
+        return run[1], run[2], run[0], None, None
+
+    def _forward_fused(self, X, weight, bias, run, shift, lay: '_Layout', sync: bool, groups, keep_x: bool):
+        """The whole layer without autograd, reusing buffers (X^2 becomes the output).
+
+        Runs inside _CompoundNormFn.forward (keep_x: X is saved for backward) or under no_grad.
+        """
+        X2 = None
+        if groups is None:
+            X2 = X * X
+            R = lay.responsibilities(X, X2, *self._estep_coefficients(run), inplace=True)
+        else:
+            R = F.one_hot(groups, self.num_components).to(X.dtype)
+        mean_c, var, prior, counts, mask = self._statistics(lay, R, X, X2, shift, run, sync, autograd=False)
+        W = self._combine_weights(R, prior, lay)
+        scale, offset, inv = self._fold(weight, bias, mean_c, var)
+        out = X2 if X2 is not None else (None if keep_x else X)
+        y = lay.mix(W, scale, offset, X, out)
+        return y, (R, W, scale, inv, mean_c, counts, mask)
+
+    def _forward_autograd(self, X, run, shift, lay: '_Layout', sync: bool):
+        """Plain autograd version (responsibility_grad=True): gradients also flow through r_pk(x)."""
+        X2 = X * X
+        R = lay.responsibilities(X, X2, *self._estep_coefficients(run), inplace=False)
+        mean_c, var, prior, _, _ = self._statistics(lay, R, X, X2, shift, run, sync, autograd=True)
+        W = self._combine_weights(R, prior, lay)
+        scale, offset, _ = self._fold(self.weight, self.bias, mean_c, var)
+        coef = lay.expand(W, torch.cat([scale, offset], 1))
+        c = self.num_features
+        return torch.addcmul(lay.part(coef, c, 2 * c), X, lay.part(coef, 0, c))
 
     @torch.no_grad()
     def _update_running(self, counts, active, bmean, bvar, update_prior: bool) -> None:
+        """EMA of prior (if ``update_prior``), and of mean / unbiased variance of active components."""
         m = self.momentum
         if update_prior:
-            total = counts.sum()
-            prior = (1 - m) * self.running_prior.to(counts.dtype) + m * counts / total
+            prior = (1 - m) * self.running_prior.to(counts.dtype) + m * counts / counts.sum()
             self.running_prior.copy_(prior / prior.sum())
         act = active.unsqueeze(1)
-        unbiased = bvar * (counts / torch.where(active, counts - 1, torch.ones_like(counts))).unsqueeze(1)
+        bessel = counts / torch.where(active, counts - 1, torch.ones_like(counts))
         mean = self.running_mean.to(bmean.dtype)
         var = self.running_var.to(bvar.dtype)
         self.running_mean.copy_(torch.where(act, (1 - m) * mean + m * bmean, mean))
-        self.running_var.copy_(torch.where(act, (1 - m) * var + m * unbiased, var))
+        self.running_var.copy_(torch.where(act, (1 - m) * var + m * bvar * bessel.unsqueeze(1), var))
         self.num_batches_tracked.add_(1)
+
+
+# Responsibilities below this are set to 0: they are irrelevant and would be (slow) subnormal floats.
+_R_FLOOR = 1e-30
+
+
+class _Layout:
+    """Matrix views of the feature map and of the assignment weights, and the products CBN needs.
+
+    X is (N, C, L) for contiguous input ("cf") or (N, L, C) for channels_last ("cl"), L = H*W, both
+    free views.  Per-vector weights R are (N, M, L) for cf and (M, P) for cl (a softmax over a short
+    last dim is slow on CPU); on the split path they are (N, M), one row per image.  Every product is a
+    (batched) GEMM with M on one side; nothing of size P x M x C exists.
+    """
+
+    def __init__(self, cl: bool, split: bool, n: int, c: int, hw: int):
+        self.cl, self.split, self.n, self.c, self.hw = cl, split, n, c, hw
+        self.comp_dim = 0 if cl else 1
+
+    def _flat(self, Y: torch.Tensor) -> torch.Tensor:
+        return Y.reshape(-1, self.c)
+
+    def per_component(self, v: torch.Tensor) -> torch.Tensor:
+        """(M,) -> broadcastable against the weights."""
+        if self.split:
+            return v.view(1, -1)
+        return v.view(-1, 1) if self.cl else v.view(1, -1, 1)
+
+    def responsibilities(self, X, X2, w1, w2, const, inplace: bool) -> torch.Tensor:
+        """softmax_k(X^2 w2_k + X w1_k + const_k)."""
+        if self.cl:
+            logits = (w1 @ self._flat(X).t()).addmm_(w2, self._flat(X2).t())
+        else:
+            logits = torch.matmul(w1, X).baddbmm_(w2.expand(self.n, -1, -1), X2)
+        R = torch.softmax(logits.add_(self.per_component(const)), self.comp_dim)
+        return R.masked_fill_(R < _R_FLOOR, 0.0) if inplace else R
+
+    def counts(self, R: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            return R.sum(0) * self.hw
+        return R.sum(1) if self.cl else R.sum((0, 2))
+
+    def _image_sums(self, Y: torch.Tensor) -> torch.Tensor:
+        return Y.sum(1 if self.cl else 2)
+
+    def moments(self, R: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """sum_p r_pk y_p, (M, C)."""
+        if self.split:
+            return R.t() @ self._image_sums(Y)
+        if self.cl:
+            return R @ self._flat(Y)
+        return torch.matmul(R, Y.transpose(1, 2)).sum(0)
+
+    def moments_sq(self, R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """sum_p r_pk x_p^2 on the split path, without materialising X^2."""
+        return R.t() @ torch.linalg.vector_norm(X, dim=1 if self.cl else 2).square()
+
+    def expand(self, R: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
+        """R @ mat for an (M, k) matrix, per vector (per image on the split path); autograd-friendly."""
+        if self.split:
+            return R @ mat
+        return R.t() @ mat if self.cl else torch.matmul(mat.t(), R)
+
+    def part(self, coef: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Columns start:stop of ``expand``'s result, broadcastable against X."""
+        if self.split:
+            return coef[:, None, start:stop] if self.cl else coef[:, start:stop, None]
+        if self.cl:
+            return coef[:, start:stop].view(self.n, self.hw, stop - start)
+        return coef[:, start:stop]
+
+    def _scaled(self, W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = Y * (W A) (per-vector W), with ``out`` used as the buffer of W A."""
+        if self.cl:
+            torch.mm(W.t(), A, out=self._flat(out))
+        else:
+            torch.bmm(A.t().expand(self.n, -1, -1), W, out=out)
+        return out.mul_(Y)
+
+    def _add_expanded(self, out: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """out += W B (per-vector W)."""
+        if self.cl:
+            self._flat(out).addmm_(W.t(), B)
+        else:
+            out.baddbmm_(B.t().expand(self.n, -1, -1), W)
+        return out
+
+    def mix(self, W, A, B, X, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """X * (W A) + W B, written into ``out`` when given (it may be X itself on the split path)."""
+        if self.split:
+            c = self.c
+            coef = W @ torch.cat([A, B], 1)
+            return torch.addcmul(self.part(coef, c, 2 * c), X, self.part(coef, 0, c),
+                                 **({} if out is None else {'out': out}))
+        if out is None:
+            out = torch.empty_like(X)
+        return self._add_expanded(self._scaled(W, A, X, out), W, B)
+
+    def mix_grad(self, W, R, A, U, V, G, X, out: torch.Tensor) -> torch.Tensor:
+        """G * (W A) + X * (R U) + R V (U, V None: G * (W A)), into ``out``."""
+        if self.split:
+            c = self.c
+            if U is None:
+                return torch.mul(G, self.part(W @ A, 0, c), out=out)
+            coef = torch.cat([W @ A, R @ torch.cat([U, V], 1)], 1)
+            torch.addcmul(self.part(coef, 2 * c, 3 * c), X, self.part(coef, c, 2 * c), out=out)
+            return out.addcmul_(G, self.part(coef, 0, c))
+        self._scaled(W, A, G, out)
+        if U is None:
+            return out
+        out.add_(self._scaled(R, U, X, torch.empty_like(X)))
+        return self._add_expanded(out, R, V)
+
+
+class _CompoundNormFn(torch.autograd.Function):
+    """CBN with constant assignment weights (default and split path), with a BN-style analytic backward.
+
+    For y_p = sum_k w_pk (A_k (x_p - mu_k) + beta_k), A_k = gamma_k / s_k, batch mu_k = sum_p r_pk x_p / N_k,
+    var_k = sum_p r_pk (x_p - mu_k)^2 / N_k, and G_k = sum_p w_pk g_p, H_k = sum_p w_pk g_p x_p:
+        dbeta_k = G_k,   dgamma_k = (H_k - mu_k G_k) / s_k,
+        dx_p = g_p (W A)_p + x_p (R U)_p + (R V)_p,
+        U_k = -gamma_k (H_k - mu_k G_k) / (s_k^3 N_k),   V_k = -A_k G_k / N_k - U_k mu_k
+    (U = V = 0 for components normalised with running statistics).  Under DDP, G and H - mu G are
+    all-reduced for dx (as SyncBatchNorm does); dgamma, dbeta stay local since DDP reduces parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, X, weight, bias, layer, run, shift, lay, sync, groups):
+        y, (R, W, scale, inv, mean_c, counts, mask) = layer._forward_fused(
+            X, weight, bias, run, shift, lay, sync, groups, keep_x=True)
+        ctx.lay, ctx.sync, ctx.mask = lay, sync, mask
+        ctx.save_for_backward(X, R, None if W is R else W, weight, scale, inv, mean_c, counts)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        X, R, W, weight, scale, inv, mean_c, counts = ctx.saved_tensors
+        W = R if W is None else W
+        lay, mask = ctx.lay, ctx.mask
+        gk = lay.moments(W, gy)
+        gx = gy * X
+        gdiff = lay.moments(W, gx) - mean_c * gk
+        dweight = (gdiff * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = gk.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            u = v = None
+            if mask is not None:
+                if ctx.sync:
+                    packed = torch.cat([gk, gdiff], 1)
+                    dist.all_reduce(packed)
+                    gk, gdiff = packed[:, :lay.c], packed[:, lay.c:]
+                zero = torch.zeros_like(gk)
+                u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / counts, zero)
+                v = torch.where(mask, -scale * gk / counts, zero) - u * mean_c
+            dx = lay.mix_grad(W, R, scale, u, v, gy, X, out=gx)
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 def _check_int(name: str, value) -> None:

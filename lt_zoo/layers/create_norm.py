@@ -9,6 +9,9 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch.nn as nn
 
+from .compound_bn import CBN_OPTIONS, CompoundBatchNorm2d
+from .normalized_bn import NormalizedBatchNorm2d
+
 __all__ = ['NORMS', 'NBN_SCOPES', 'norm_options', 'create_norm_layer', 'split_norm_kwargs']
 
 NORMS = ('bn', 'nbn', 'cbn')
@@ -26,10 +29,6 @@ def norm_options(norm: str) -> Tuple[str, ...]:
     if norm == 'nbn':
         return ('nbn_scope',)
     if norm == 'cbn':
-        try:  # TEMP until compound_bn lands
-            from .compound_bn import CBN_OPTIONS
-        except ImportError:
-            CBN_OPTIONS = ('num_components', 'momentum')
         return tuple(CBN_OPTIONS)
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
 
@@ -63,10 +62,8 @@ def create_norm_layer(norm: str, **opts) -> Callable[..., nn.Module]:
         return nn.BatchNorm2d
     if norm == 'nbn':
         if opts.get('nbn_scope', 'official') == 'all':
-            from .normalized_bn import NormalizedBatchNorm2d
             return NormalizedBatchNorm2d
         return nn.BatchNorm2d
     if norm == 'cbn':
-        from .compound_bn import CompoundBatchNorm2d
         return functools.partial(CompoundBatchNorm2d, **opts)
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")

@@ -18,6 +18,7 @@ from timm.models.resnet import BasicBlock
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
 from ._builder import HEADS, create_head, model_name, register_variants, setup_norms
+from .pretrained_tags import with_pretrained_tags
 
 __all__ = ['CifarResNet', 'CIFAR_DEPTHS']
 
@@ -200,15 +201,15 @@ def _paper(norm: str, head: str) -> Dict[str, Any]:
 
 _VARIANTS = [(depth, norm, head) for depth in CIFAR_DEPTHS for norm in NORMS for head in HEADS]
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = generate_default_cfgs(with_pretrained_tags({
     model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS
-})
+}))
 
 _MODEL_KWARGS = ('num_classes', 'in_chans', 'widths', 'shortcut', 'cosine_scale', 'global_pool', 'drop_rate',
                  'zero_init_last', 'device', 'dtype')
 
 
-def _create(variant: str, depth: str, norm: str, head: str, pretrained: bool = False, **kwargs) -> CifarResNet:
+def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool = False, **kwargs) -> CifarResNet:
     norm_opts = split_norm_kwargs(norm, kwargs)
     builder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _MODEL_KWARGS}
     unknown = [k for k in builder_kwargs if k not in _BUILDER_KWARGS]

@@ -17,6 +17,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
 from ._builder import HEADS, create_head, model_name, register_variants, setup_norms
+from .pretrained_tags import with_pretrained_tags
 from .cifar_resnet import _BUILDER_KWARGS, _paper, _check_stem
 
 __all__ = ['LtResNet', 'IMAGENET_DEPTHS']
@@ -72,7 +73,8 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 # (depth, norm, head): every norm with the cosine head, and NBN/CBN with the linear head
 _VARIANTS = [(d, n, h) for d in IMAGENET_DEPTHS for n in NORMS for h in HEADS if (n, h) != ('bn', 'linear')]
 
-default_cfgs = generate_default_cfgs({model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS})
+default_cfgs = generate_default_cfgs(with_pretrained_tags(
+    {model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS}))
 
 
 # timm ResNet's own keyword options (block/layers/norm_layer are set by the variant) plus the head's
@@ -80,7 +82,7 @@ _MODEL_KWARGS = tuple(k for k in list(inspect.signature(ResNet.__init__).paramet
     'cosine_scale',)
 
 
-def _create(variant: str, depth: str, norm: str, head: str, pretrained: bool = False, **kwargs) -> LtResNet:
+def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool = False, **kwargs) -> LtResNet:
     norm_opts = split_norm_kwargs(norm, kwargs)
     if 'norm_layer' in kwargs:
         raise ValueError(f"{variant} sets its own norm layer ('{norm}'); use timm's plain resnet for a custom "

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-__all__ = ['DEFAULTS', 'STAGES', 'METHODS', 'load_config', 'validate_config', 'describe_keys']
+__all__ = ['DEFAULTS', 'STAGES', 'METHODS', 'load_config', 'read_config_file', 'validate_config', 'describe_keys']
 
 STAGES = ('stage1', 'crt', 'lws', 'tau_norm', 'fsa')
 
@@ -49,6 +49,8 @@ SCHEMA: Dict[str, Tuple[Any, str]] = {
     'in_chans': (None, 'input channels; default: 1 for grayscale datasets, else 3'),
     'hflip': (True, 'random horizontal flip in the weak view'),
     'pad': (4, 'padding of the random crop (CIFAR: 4)'),
+    'train_crop': ('pad', "'pad' (CIFAR pad-and-crop) or 'random_resized' (ImageNet RandomResizedCrop)"),
+    'crop_pct': (1.0, 'eval centre-crop fraction (ImageNet: 0.875 = resize 256, crop 224)'),
     'strong_aug': ('autoaugment', "strong view policy: 'autoaugment' (CIFAR10 policy) or 'randaugment'"),
     'normalize': ('dataset', "'dataset' (mean/std of the training split) or 'model' (the model's pretrained cfg)"),
     'num_workers': (0, 'DataLoader workers'),
@@ -107,6 +109,7 @@ _CHOICES = {
     'stage': STAGES, 'method': METHODS, 'lt_profile': ('exp', 'step'), 'lt_selection': ('cao2019', 'rng'),
     'strong_aug': ('autoaugment', 'randaugment'), 'normalize': ('dataset', 'model'),
     'scheduler': ('cosine', 'step', 'constant'), 'mixed_precision': ('no', 'bf16', 'fp16'),
+    'train_crop': ('pad', 'random_resized'),
 }
 _VIEWS, _PATHS = ('weak', 'strong'), ('compound', 'split')
 
@@ -201,15 +204,32 @@ def load_config(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args, rest = parser.parse_known_args(argv)
     cfg = copy.deepcopy(DEFAULTS)
     if args.config:
-        if not os.path.isfile(args.config):
-            raise FileNotFoundError(f"config file {args.config!r} does not exist")
-        with open(args.config) as f:
-            file_cfg = yaml.safe_load(f) or {}
-        if not isinstance(file_cfg, dict):
-            raise ValueError(f"config file {args.config!r} must hold a mapping of keys, got {type(file_cfg).__name__}")
-        for key in file_cfg:
-            if key not in SCHEMA:
-                raise _unknown_key_error(key, args.config)
-        cfg.update(file_cfg)
+        cfg.update(read_config_file(args.config))
     cfg.update(_parse_overrides(rest))
     return validate_config(cfg)
+
+
+def read_config_file(path: str, _seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """Keys of a YAML config file, after merging the files named by its optional ``base`` key.
+
+    ``base`` (a path or a list of paths, relative to the file) lets a method config reuse a dataset
+    recipe: bases are applied in order, then the file's own keys.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    if path in _seen:
+        raise ValueError(f"config files include each other in a loop: {list(_seen) + [path]}")
+    with open(path) as f:
+        file_cfg = yaml.safe_load(f) or {}
+    if not isinstance(file_cfg, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of keys, got {type(file_cfg).__name__}")
+    bases = file_cfg.pop('base', [])
+    merged: Dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged.update(read_config_file(os.path.join(os.path.dirname(path), base), _seen + (path,)))
+    for key in file_cfg:
+        if key not in SCHEMA:
+            raise _unknown_key_error(key, path)
+    merged.update(file_cfg)
+    return merged

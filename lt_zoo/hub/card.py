@@ -1,0 +1,186 @@
+"""Model card of a run: Hub metadata with a ``model-index`` plus a Jinja body (hub_cards/ template).
+
+Every number in the card is read from the run: results, per-class accuracies, class counts and the
+long-tail record from eval.json, the recipe from the resolved config.yaml, input size and normalisation
+from the exported config.json.  Nothing is typed in by hand.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..metrics import shot_groups
+from ..models.pretrained_tags import PRETRAINED_TAGS
+from .citations import PAPERS, papers_for
+
+__all__ = ['DEFAULT_TEMPLATE', 'card_data_for', 'render_model_card', 'dataset_ids', 'needs_lt_zoo_import']
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / 'hub_cards' / 'model_card_template.md'
+
+# Hub dataset ids of lt_zoo's built-in datasets (lt_zoo.data.builtin); 'digits' (scikit-learn) has none.
+_BUILTIN_HUB_IDS = {'fashion_mnist': 'zalando-datasets/fashion_mnist'}
+_BUILTIN_TITLES = {'fashion_mnist': 'Fashion-MNIST', 'digits': 'Digits'}
+
+METHOD_TITLES = {
+    'ce': 'cross-entropy', 'ce_balanced': 'cross-entropy on a class-balanced subset (upper reference)',
+    'focal': 'focal loss', 'class_balanced': 'class-balanced loss (effective number of samples)',
+    'ldam_drw': 'LDAM with deferred re-weighting (LDAM-DRW)', 'logit_adjust': 'logit-adjusted cross-entropy',
+    'balanced_softmax': 'Balanced Softmax', 'gcl': 'Gaussian Clouded Logit adjustment (GCL)',
+    'nbn': 'Normalized Batch Normalization (NBN)', 'cbn': 'Compound Batch Normalization (CBN), dual-path learning',
+    'crt': 'classifier re-training (cRT)', 'lws': 'learnable weight scaling (LWS)',
+    'tau_norm': 'tau-normalisation', 'fsa': 'Feature Space Augmentation (FSA)',
+}
+STAGE_TITLES = {'stage1': 'stage 1 (representation and classifier)', 'crt': 'classifier re-training (cRT)',
+                'lws': 'learnable weight scaling (LWS)', 'tau_norm': 'tau-normalisation',
+                'fsa': 'FSA phase II (feature space augmentation)'}
+
+# config keys not shown in the recipe: run bookkeeping, data location, and the long-tail keys (own section)
+_RECIPE_SKIP = {'output_dir', 'overwrite', 'resume', 'stop_after_epoch', 'cpu', 'num_workers', 'log_with',
+                'save_checkpoints', 'keep_checkpoints', 'progress', 'eval_every', 'data_dir', 'data_files',
+                'image_column', 'label_column', 'train_split', 'test_split', 'method', 'dataset',
+                'imbalance_factor', 'lt_profile', 'lt_selection', 'lt_seed', 'balanced_subset',
+                'many_threshold', 'few_threshold'}
+_DUAL_PATH_KEYS = {'dual_cls_views', 'dual_cls_paths', 'consistency_weight', 'consistency_views', 'strong_aug'}
+
+
+def _relevant(key: str, cfg: Dict[str, Any]) -> bool:
+    """Whether a config key took part in the run (e.g. fsa_* only in an FSA stage)."""
+    stage = cfg.get('stage', 'stage1')
+    if key in _RECIPE_SKIP:
+        return False
+    if key in _DUAL_PATH_KEYS:
+        return bool(cfg.get('dual_path'))
+    if key.startswith('fsa_'):
+        return stage == 'fsa'
+    rules = {'tau': stage == 'tau_norm', 'reinit_classifier': stage == 'crt', 'stage1_dir': stage != 'stage1',
+             'lr_steps': cfg.get('scheduler') == 'step', 'model': stage == 'stage1', 'model_kwargs': stage == 'stage1'}
+    return rules.get(key, True)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return '-'
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v)
+    return str(v)
+
+
+def recipe_rows(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(key, value) rows of the config keys that shaped the run, in config order."""
+    return [(k, _fmt(v)) for k, v in cfg.items() if _relevant(k, cfg)]
+
+
+def dataset_ids(record) -> Tuple[Optional[str], str, str]:
+    """(Hub dataset id or None, dataset type for model-index, human title such as 'Fashion-MNIST-LT (IF 100)')."""
+    name = record.eval['dataset']
+    hub_id = _BUILTIN_HUB_IDS.get(name, name if '/' in name else None)
+    title = _BUILTIN_TITLES.get(name, name)
+    lt = record.eval['long_tail']
+    if record.train_config.get('balanced_subset'):
+        title += f" balanced subset ({sum(lt['counts'])} images)"
+    elif lt.get('imbalance_factor', 1) > 1:
+        title += f"-LT (IF {lt['imbalance_factor']:g})"
+    return hub_id, hub_id or name, title
+
+
+def needs_lt_zoo_import(architecture: str) -> bool:
+    """True when ``architecture`` is registered by lt_zoo, i.e. timm cannot build it without ``import lt_zoo``."""
+    return timm.models.is_model(architecture) and \
+        timm.models.model_entrypoint(architecture).__module__.split('.')[0] == 'lt_zoo'
+
+
+def _metrics(record) -> List[Tuple[str, str, str, float]]:
+    """(eval key, model-index type, name, value) of the measured results; absent shot groups skipped."""
+    ev, cfg = record.eval, record.train_config
+    many, few = cfg.get('many_threshold', 100), cfg.get('few_threshold', 20)
+    rows = [('top1', 'accuracy', 'Top-1 accuracy'),
+            ('balanced_acc', 'balanced_accuracy', 'Balanced accuracy (mean per-class)'),
+            ('many', 'accuracy', f'Many-shot accuracy (classes with > {many} training images)'),
+            ('medium', 'accuracy', f'Medium-shot accuracy ({few}-{many} training images)'),
+            ('few', 'accuracy', f'Few-shot accuracy (< {few} training images)'),
+            ('ece', 'ece', 'Expected calibration error (max-softmax confidence, equal-width bins)')]
+    return [(k, t, n, ev[k]) for k, t, n in rows if ev.get(k) is not None]
+
+
+def card_data_for(record, repo_id: str, architecture: Optional[str] = None) -> ModelCardData:
+    """Hub metadata: library timm, apache-2.0, tags, dataset and the model-index of the measured results."""
+    hub_id, dataset_type, title = dataset_ids(record)
+    ev, lt = record.eval, record.eval['long_tail']
+    split = record.train_config.get('test_split', 'test')
+    lt_args = {k: v for k, v in lt.items() if k != 'counts'} or None
+    results = [EvalResult(task_type='image-classification', task_name='Image Classification',
+                          dataset_type=dataset_type, dataset_name=title, dataset_split=split, dataset_args=lt_args,
+                          metric_type=mtype, metric_name=name, metric_value=value)
+               for _, mtype, name, value in _metrics(record)]
+    arch = architecture or record.architecture
+    tags = ['image-classification', 'timm', 'lt_zoo', 'long-tailed', ev['method']]
+    tags += [t for t, suffix in (('compound-batch-norm', '_cbn'), ('normalized-batch-norm', '_nbn'))
+             if suffix in record.architecture and t not in tags]
+    if ev['stage'] != 'stage1' and ev['stage'] not in tags:
+        tags.append(ev['stage'])
+    # base_model stays unset (None keys are dropped): every checkpoint is trained from scratch.
+    return ModelCardData(library_name='timm', license='apache-2.0', pipeline_tag='image-classification',
+                         tags=tags, datasets=[hub_id] if hub_id else None, metrics=['accuracy'],
+                         model_name=repo_id.split('/')[-1], eval_results=results)
+
+
+def _stage1_recipe(cfg: Dict[str, Any], run_path: Path) -> Optional[List[Tuple[str, str]]]:
+    """Recipe rows of the stage-1 run a stage-2 run started from, when its config.yaml can be found."""
+    if cfg.get('stage', 'stage1') == 'stage1' or not cfg.get('stage1_dir'):
+        return None
+    for base in (Path.cwd(), run_path.parent, run_path):
+        path = base / cfg['stage1_dir'] / 'config.yaml'
+        if path.is_file():
+            with open(path) as f:
+                return recipe_rows(yaml.safe_load(f))
+    return None
+
+
+def _escape(s: Any) -> str:
+    return str(s).replace('|', '\\|')
+
+
+def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str, Any]] = None,
+                      files: Sequence[str] = (), template_path: Optional[str] = None) -> ModelCard:
+    """The model card of ``record`` published as ``repo_id`` (``export_config``: the published config.json)."""
+    template = Path(template_path) if template_path else DEFAULT_TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template {str(template)!r} not found; pass template_path "
+                                f"(CLI: --template)")
+    ev, cfg = record.eval, record.train_config
+    export_config = export_config or record.export_config
+    arch = export_config['architecture']
+    pcfg = export_config.get('pretrained_cfg', {})
+    hub_id, _, dataset_title = dataset_ids(record)
+    groups = shot_groups(ev['class_counts'], cfg.get('many_threshold', 100), cfg.get('few_threshold', 20))
+    classes = [dict(index=i, name=_escape(n), count=c, group=g, acc='-' if a is None else f'{100 * a:.2f}')
+               for i, (n, c, g, a) in enumerate(zip(ev['class_names'], ev['class_counts'], groups,
+                                                     ev['per_class_acc']))]
+    results = [dict(name=name, key=k, value=f'{100 * v:.2f}') for k, _, name, v in _metrics(record)]
+    papers = [dict(key=k, **PAPERS[k]) for k in papers_for(ev['method'], ev['stage'], cfg.get('loss'),
+                                                              record.architecture)]
+    tag = next((name for name, entry in PRETRAINED_TAGS.items() if entry.get('hf_hub_id') == repo_id), None)
+    lt = ev['long_tail']
+    data = card_data_for(record, repo_id, arch)
+    return ModelCard.from_template(
+        data, template_path=str(template),
+        repo_id=repo_id, architecture=arch, trained_architecture=record.architecture,
+        folded=arch != record.architecture, needs_lt_zoo=needs_lt_zoo_import(arch),
+        method=ev['method'], method_title=METHOD_TITLES.get(ev['method'], ev['method']),
+        stage=ev['stage'], stage_title=STAGE_TITLES.get(ev['stage'], ev['stage']),
+        dataset=ev['dataset'], dataset_title=dataset_title, dataset_hub_id=hub_id,
+        train_images=ev['train_images'], test_images=ev['test_images'], world_size=ev.get('world_size'),
+        input_size=list(pcfg.get('input_size', [])), mean=list(pcfg.get('mean', [])),
+        std=list(pcfg.get('std', [])), num_classes=export_config['num_classes'],
+        model_args=json.dumps(export_config.get('model_args', {})),
+        results=results, recipe=recipe_rows(cfg), stage1_recipe=_stage1_recipe(cfg, record.path),
+        stage1_dir=cfg.get('stage1_dir'), command=ev['command'],
+        classes=classes, many_threshold=cfg.get('many_threshold', 100), few_threshold=cfg.get('few_threshold', 20),
+        long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
+        indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,
+        has_plot='per_class_accuracy.png' in files, has_metrics='metrics.jsonl' in files,
+        has_training_config='training_config.yaml' in files,
+    )

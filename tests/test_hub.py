@@ -1,0 +1,440 @@
+"""lt_zoo.hub: building the Hub folder of a run, the model card, pushing (with a fake HfApi), bad input.
+
+The run directories are written here with the project's own pieces, file for file and key for key what
+train/train.py writes: config.yaml (DEFAULTS + overrides, yaml.safe_dump), metrics.jsonl, eval.json
+(lt_zoo.metrics.evaluate + the run keys, long_tail from lt_zoo.data.make_long_tailed),
+per_class_accuracy.png (lt_zoo.plots) and model.safetensors + config.json (lt_zoo.export.export_model).
+"""
+import ast
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+
+import timm
+import lt_zoo  # noqa: F401  (registers the lt_zoo architectures)
+from lt_zoo.data import make_long_tailed
+from lt_zoo.export import export_model
+from lt_zoo.hub import (HUB_FILES, METHOD_PAPERS, PAPERS, MissingTokenError, papers_for, plain_architecture,
+                        push_run, validate_repo_id, write_card)
+from lt_zoo.hub.__main__ import main as hub_main
+from lt_zoo.layers.normalized_bn import NormalizedBatchNorm2d
+from lt_zoo.metrics import evaluate
+from lt_zoo.plots import plot_per_class_accuracy
+from lt_zoo.training.config import DEFAULTS, METHODS
+
+REPO_ID = 'lt-zoo/resnet20_nbn.fmnist_lt'
+CLASS_NAMES = ['T-shirt/top', 'Trouser', 'Pullover']
+FAKE_TOKEN = 'hf_FAKEtokenDoNotLeak0123456789abcdefXYZ'
+
+
+def make_run_dir(path: Path, arch: str, *, method: str, model_kwargs=None, size: int = 16) -> torch.nn.Module:
+    """A finished stage-1 run of ``arch`` (1 channel, 3 classes) in ``path``; returns the trained model."""
+    model_kwargs = dict(model_kwargs or {})
+    labels = np.repeat(np.arange(3), 200)
+    ds = datasets.Dataset.from_dict({'label': labels.tolist()})
+    train, lt = make_long_tailed(ds, 'label', 5.0, n_max=150)  # counts 150, 67, 30: no few-shot class
+    counts = lt.to_dict()['counts']
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=3, in_chans=1, **model_kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 1, size, size))
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(60, 3, generator=gen), torch.arange(60) % 3
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(method=method, dataset='fashion_mnist', output_dir=str(path), imbalance_factor=5.0, input_size=size,
+               in_chans=1, model=arch, model_kwargs=model_kwargs, epochs=2, progress=False)
+    path.mkdir(parents=True)
+    with open(path / 'config.yaml', 'w') as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    with open(path / 'metrics.jsonl', 'w') as f:
+        f.write(json.dumps({'epoch': 1, 'lr': 0.1, 'train_loss': 1.0}) + '\n')
+    final = evaluate(logits, targets, counts)
+    final.update(method=method, stage='stage1', model=model.pretrained_cfg['architecture'], dataset='fashion_mnist',
+                 class_names=CLASS_NAMES, class_counts=list(counts), long_tail=lt.to_dict(),
+                 train_images=len(train), test_images=60, wall_time_s=1.5, world_size=1,
+                 command=f'train.py --config x.yaml --output_dir {path}')
+    with open(path / 'eval.json', 'w') as f:
+        json.dump(final, f, indent=2)
+    plot_per_class_accuracy(final['per_class_acc'], list(counts), str(path / 'per_class_accuracy.png'),
+                            class_names=CLASS_NAMES)
+    export_model(model, str(path), class_names=CLASS_NAMES,
+                 data_config=dict(input_size=(1, size, size), mean=(0.3,), std=(0.35,), crop_pct=1.0,
+                                  interpolation='bilinear'))
+    return model
+
+
+@pytest.fixture(scope='module')
+def nbn_run(tmp_path_factory):
+    """A resnet20_nbn run with nbn_scope='all' (every BN is NBN; the option lands in config.json model_args)."""
+    path = tmp_path_factory.mktemp('runs') / 'nbn'
+    model = make_run_dir(path, 'resnet20_nbn', method='nbn', model_kwargs={'nbn_scope': 'all'})
+    return path, model
+
+
+@pytest.fixture(scope='module')
+def dry_run(nbn_run, tmp_path_factory):
+    """The dry-run folder of nbn_run and what push_run logged."""
+    run, _ = nbn_run
+    out = tmp_path_factory.mktemp('export') / 'hub'
+    lines = []
+    result = push_run(str(run), REPO_ID, dry_run=True, out=str(out), log=lines.append)
+    return result, out, '\n'.join(lines)
+
+
+@pytest.fixture
+def run_copy(nbn_run, tmp_path):
+    run, _ = nbn_run
+    dst = tmp_path / 'run'
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token_here'))
+
+
+class FakeHfApi:
+    """Records the calls push_run makes; snapshots the folder at upload time (it is temporary)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(('create_repo', repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        self.calls.append(('upload_folder', repo_id, dict(kwargs, files=files)))
+        return type('CommitInfo', (), {'commit_url': f'https://huggingface.co/{repo_id}/commit/0123'})()
+
+
+def _predict(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# ------------------------------------------------------------------------------------- dry-run folder
+def test_dry_run_folder_holds_the_run_files(nbn_run, dry_run):
+    run, _ = nbn_run
+    result, out, log = dry_run
+    expected = {'model.safetensors', 'config.json', 'README.md', 'eval.json', 'training_config.yaml',
+                'per_class_accuracy.png', 'metrics.jsonl'}
+    assert set(os.listdir(out)) == expected == set(result.files) and set(HUB_FILES) == expected
+    for published, source in [('model.safetensors', 'model.safetensors'), ('config.json', 'config.json'),
+                              ('eval.json', 'eval.json'), ('training_config.yaml', 'config.yaml'),
+                              ('per_class_accuracy.png', 'per_class_accuracy.png')]:
+        assert (out / published).read_bytes() == (run / source).read_bytes(), published
+    assert not result.uploaded and 'dry run: nothing uploaded' in log and REPO_ID in log
+    for name in expected:
+        assert name in log
+
+
+def test_dry_run_default_out_is_run_dir_hub_export(run_copy):
+    result = push_run(str(run_copy), REPO_ID, dry_run=True, log=lambda s: None)
+    assert result.folder == run_copy / 'hub_export' and (run_copy / 'hub_export' / 'README.md').is_file()
+    # a second dry run replaces the previous export
+    push_run(str(run_copy), REPO_ID, dry_run=True, log=lambda s: None)
+    assert set(os.listdir(run_copy / 'hub_export')) == set(result.files)
+
+
+def test_exported_folder_loads_with_the_run_predictions(nbn_run, dry_run):
+    _, model = nbn_run
+    _, out, _ = dry_run
+    loaded = timm.create_model('local-dir:' + str(out), pretrained=True)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_predict(loaded, x), _predict(model, x))
+
+
+# ----------------------------------------------------------------------------------------------- card
+def test_card_metadata_round_trips_with_eval_json_values(nbn_run, dry_run):
+    run, _ = nbn_run
+    _, out, _ = dry_run
+    ev = json.loads((run / 'eval.json').read_text())
+    assert ev['few'] is None and ev['many'] is not None  # the fixture has no few-shot class
+    card = ModelCard.load(out / 'README.md')
+    data = card.data
+    assert data.library_name == 'timm' and data.license == 'apache-2.0'
+    assert data.pipeline_tag == 'image-classification' and data.base_model is None
+    assert {'long-tailed', 'image-classification', 'nbn'} <= set(data.tags)
+    assert data.datasets == ['zalando-datasets/fashion_mnist']
+    got = [(r.metric_type, r.metric_value) for r in data.eval_results]
+    assert got == [('accuracy', ev['top1']), ('balanced_accuracy', ev['balanced_acc']), ('accuracy', ev['many']),
+                   ('accuracy', ev['medium']), ('ece', ev['ece'])]
+    assert not any('Few-shot' in r.metric_name for r in data.eval_results)
+    r = data.eval_results[0]
+    assert (r.task_type, r.dataset_type, r.dataset_split) == ('image-classification', 'zalando-datasets/fashion_mnist',
+                                                              'test')
+    assert r.dataset_name == 'Fashion-MNIST-LT (IF 5)'
+    assert r.dataset_args['indices_hash'] == ev['long_tail']['indices_hash']
+    # the metadata block parses as plain YAML too
+    front = (out / 'README.md').read_text().split('---')[1]
+    assert yaml.safe_load(front)['model-index'][0]['name'] == REPO_ID.split('/')[1]
+
+
+def test_card_body_shows_run_numbers(nbn_run, dry_run):
+    run, _ = nbn_run
+    _, out, _ = dry_run
+    ev = json.loads((run / 'eval.json').read_text())
+    text = (out / 'README.md').read_text()
+    for key in ('top1', 'balanced_acc', 'many', 'medium', 'ece'):
+        assert f'| {100 * ev[key]:.2f} |' in text, key
+    for i, (name, count) in enumerate(zip(CLASS_NAMES, ev['class_counts'])):
+        acc = ev['per_class_acc'][i]
+        assert f'| {i} | {name} | {count} | {("many", "medium", "medium")[i]} | {100 * acc:.2f} |' in text
+    assert ev['class_counts'] == [150, 67, 30]
+    assert ev['long_tail']['indices_hash'] in text and ev['command'] in text
+    assert 'import lt_zoo' in text and 'plugin discovery' in text and 'hf-hub:' + REPO_ID in text
+    assert '`nbn_scope`' not in text and '"nbn_scope": "all"' in text  # model_args line shows the option
+    assert '@article{bao2025nbn' in text and '```bibtex' in text
+    assert '![Per-class test accuracy' in text
+
+
+def test_card_command_matches_push_and_prints_tag_entry(nbn_run, dry_run, tmp_path, capsys):
+    run, _ = nbn_run
+    _, out, _ = dry_run
+    target = tmp_path / 'cards' / 'nbn.md'
+    assert hub_main(['card', str(run), '--repo-id', REPO_ID, '--out', str(target)]) == 0
+    assert target.read_text() == (out / 'README.md').read_text()
+    captured = capsys.readouterr()
+    printed = captured.out.split('pretrained_tags.py:\n', 1)[1]
+    name, entry = next(iter(ast.literal_eval('{' + printed.strip().rstrip(',') + '}').items()))
+    pcfg = json.loads((run / 'config.json').read_text())['pretrained_cfg']
+    assert name == 'resnet20_nbn.fmnist_lt' and entry['hf_hub_id'] == REPO_ID
+    assert entry['mean'] == tuple(pcfg['mean']) and entry['std'] == tuple(pcfg['std'])
+    assert entry['input_size'] == (1, 16, 16) and entry['num_classes'] == 3
+    assert list(entry['label_names']) == CLASS_NAMES and entry['paper_ids'] == 'arXiv:2501.03122'
+    # every key is a timm PretrainedCfg field, so the entry can be pasted into the table as is
+    timm.models.PretrainedCfg(**entry)
+    # nbn_scope='all' is not the entrypoint default, which a tag cannot express: warned on stderr
+    assert "'nbn_scope': 'all'" in captured.err and 'hf-hub:' + REPO_ID in captured.err
+
+
+def test_card_of_a_stage2_run_cites_both_stages(run_copy, nbn_run, tmp_path):
+    stage1, _ = nbn_run
+    cfg = yaml.safe_load((run_copy / 'config.yaml').read_text())
+    cfg.update(stage='crt', stage1_dir=str(stage1), sampler='class_balanced')  # method stays 'nbn'
+    (run_copy / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev.update(stage='crt')
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    text = write_card(str(run_copy), REPO_ID, str(tmp_path / 'c.md'), log=lambda s: None).read_text()
+    assert 'Stage-1 recipe' in text and f'`{stage1}`' in text
+    assert '@inproceedings{kang2020decoupling' in text and '@article{bao2025nbn' in text
+    assert {'nbn', 'crt'} <= set(ModelCard.load(tmp_path / 'c.md').data.tags)
+
+
+# ---------------------------------------------------------------------------------------------- push
+def test_push_uploads_one_commit_and_never_writes_the_token(run_copy, monkeypatch, capsys):
+    monkeypatch.setenv('HF_TOKEN', FAKE_TOKEN)
+    api = FakeHfApi()
+    out = run_copy.parent / 'kept'
+    result = push_run(str(run_copy), REPO_ID, private=True, out=str(out), api=api)
+    assert result.uploaded and [c[0] for c in api.calls] == ['create_repo', 'upload_folder']
+    (_, repo, create), (_, repo2, upload) = api.calls
+    assert repo == repo2 == REPO_ID
+    assert create == dict(token=FAKE_TOKEN, private=True, exist_ok=True, repo_type='model')
+    assert upload['token'] == FAKE_TOKEN and set(upload['files']) == set(HUB_FILES)
+    captured = capsys.readouterr()
+    assert FAKE_TOKEN not in captured.out + captured.err
+    for blob in upload['files'].values():
+        assert FAKE_TOKEN.encode() not in blob
+    for p in list(out.rglob('*')) + list(run_copy.rglob('*')):
+        if p.is_file():
+            assert FAKE_TOKEN.encode() not in p.read_bytes(), p
+
+
+def test_dry_run_with_a_token_set_writes_no_token(run_copy, monkeypatch, capsys):
+    monkeypatch.setenv('HF_TOKEN', FAKE_TOKEN)
+    result = push_run(str(run_copy), REPO_ID, dry_run=True)
+    assert all(FAKE_TOKEN.encode() not in (result.folder / f).read_bytes() for f in result.files)
+    assert FAKE_TOKEN not in capsys.readouterr().out
+
+
+def test_real_push_without_token_fails_before_building(run_copy, no_token, monkeypatch, capsys):
+    import lt_zoo.hub.publish as publish
+
+    def must_not_run(*a, **k):
+        raise AssertionError('built or read before the token check')
+    monkeypatch.setattr(publish, 'read_run_dir', must_not_run)
+    monkeypatch.setattr(publish, 'build_hub_folder', must_not_run)
+    out = run_copy.parent / 'never'
+    with pytest.raises(MissingTokenError, match='HF_TOKEN'):
+        push_run(str(run_copy), REPO_ID, out=str(out), api=FakeHfApi())
+    assert hub_main(['push', str(run_copy), '--repo-id', REPO_ID, '--out', str(out)]) == 2
+    assert 'no Hugging Face token' in capsys.readouterr().err
+    assert not out.exists() and not (run_copy / 'hub_export').exists()
+
+
+@pytest.mark.parametrize('repo_id', ['resnet32', 'a/b/c', 'lt zoo/x', 'org/', '/name', 'org/na..me', 'org/-x',
+                                     'org/x.', ''])
+def test_malformed_repo_ids_are_refused(repo_id, run_copy):
+    with pytest.raises(ValueError, match='invalid repo id'):
+        push_run(str(run_copy), repo_id, dry_run=True)
+    assert not (run_copy / 'hub_export').exists()
+
+
+def test_valid_repo_ids_pass():
+    for repo_id in ('lt-zoo/resnet32_cbn.fmnist_lt', 'someone/my-model_2'):
+        assert validate_repo_id(repo_id) == repo_id
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_missing_files_are_named(run_copy):
+    (run_copy / 'eval.json').unlink()
+    (run_copy / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+    assert "'eval.json'" in str(info.value) and "'model.safetensors'" in str(info.value)
+    assert not (run_copy / 'hub_export').exists()
+
+
+@pytest.mark.parametrize('name', ['pytorch_model.bin', 'model.pth'])
+def test_pickle_checkpoint_is_refused(run_copy, name, monkeypatch):
+    (run_copy / 'model.safetensors').unlink()
+    (run_copy / name).write_bytes(b'\x80\x04not a real pickle')
+
+    def no_unpickling(*a, **k):
+        raise AssertionError('torch.load called on a pickle checkpoint')
+    monkeypatch.setattr(torch, 'load', no_unpickling)
+    with pytest.raises(ValueError, match=f'pickle checkpoint.*{name}.*safetensors only'):
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+    assert not (run_copy / 'hub_export').exists()
+
+
+def test_architecture_that_does_not_fit_the_weights_is_refused(run_copy):
+    cfg = json.loads((run_copy / 'config.json').read_text())
+    cfg['architecture'] = 'resnet20_cbn'
+    (run_copy / 'config.json').write_text(json.dumps(cfg))
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev['model'] = 'resnet20_cbn'
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    with pytest.raises(ValueError, match="architecture 'resnet20_cbn'.*does not load"):
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+    assert not (run_copy / 'hub_export').exists()
+
+
+def test_eval_and_config_from_different_runs_are_refused(run_copy):
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev['model'] = 'resnet32'
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    with pytest.raises(ValueError, match="eval.json model 'resnet32' differs"):
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+
+
+def test_out_dir_with_foreign_files_is_not_replaced(run_copy, tmp_path):
+    out = tmp_path / 'mine'
+    out.mkdir()
+    (out / 'notes.txt').write_text('keep me')
+    with pytest.raises(ValueError, match='notes.txt'):
+        push_run(str(run_copy), REPO_ID, dry_run=True, out=str(out))
+    assert (out / 'notes.txt').read_text() == 'keep me'
+
+
+# -------------------------------------------------------------------------------------------- fold NBN
+def test_plain_architecture_names():
+    assert plain_architecture('resnet32_nbn') == 'resnet32'
+    assert plain_architecture('resnet50_nbn') == 'resnet50'
+    assert plain_architecture('resnet50_nbn_gcl') == 'resnet50_gcl'
+    for bad in ('resnet32_cbn', 'resnet32', 'resnet50', 'vit_base'):
+        with pytest.raises(ValueError, match='NBN architecture'):
+            plain_architecture(bad)
+
+
+def test_fold_nbn_cifar_depth_exports_plain_lt_zoo_resnet(nbn_run, tmp_path):
+    run, model = nbn_run
+    result = push_run(str(run), REPO_ID, dry_run=True, out=str(tmp_path / 'f'), fold_nbn=True, log=lambda s: None)
+    cfg = json.loads((result.folder / 'config.json').read_text())
+    assert cfg['architecture'] == 'resnet20' and 'nbn_scope' not in cfg['model_args']
+    assert cfg['model_args'] == {'num_classes': 3, 'in_chans': 1, 'global_pool': 'avg'}
+    loaded = timm.create_model('local-dir:' + str(result.folder), pretrained=True)
+    assert not any(isinstance(m, NormalizedBatchNorm2d) for m in loaded.modules())
+    assert any(isinstance(m, NormalizedBatchNorm2d) for m in model.modules())
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(_predict(loaded, x), _predict(model, x), rtol=0, atol=1e-6)
+    text = (result.folder / 'README.md').read_text()
+    assert 'trained as `resnet20_nbn`' in text and 'import lt_zoo' in text  # resnet20 is still lt_zoo's
+
+
+def test_fold_nbn_imagenet_depth_loads_in_vanilla_timm(tmp_path):
+    run = tmp_path / 'r18'
+    model = make_run_dir(run, 'resnet18_nbn', method='nbn', size=32)
+    out = tmp_path / 'hub'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'lt_zoo.hub', 'push', str(run), '--repo-id', 'lt-zoo/r18',
+                           '--dry-run', '--fold-nbn', '--out', str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['architecture'] == 'resnet18' and cfg['model_args'] == {'num_classes': 3, 'in_chans': 1,
+                                                                      'global_pool': 'avg'}
+    assert 'import lt_zoo  #' not in (out / 'README.md').read_text()
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(9))
+    save_file({'x': x, 'y': _predict(model, x)}, str(tmp_path / 'xy.safetensors'))
+    script = (
+        "import sys, torch, timm\n"
+        "from safetensors.torch import load_file\n"
+        f"m = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"
+        "assert 'lt_zoo' not in sys.modules and type(m).__module__ == 'timm.models.resnet'\n"
+        f"t = load_file('{tmp_path / 'xy.safetensors'}')\n"
+        "with torch.no_grad():\n"
+        "    d = (m(t['x']) - t['y']).abs().max().item()\n"
+        "print(d)\n"
+        "assert d <= 1e-5, d\n")
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_fold_nbn_on_a_model_without_nbn_is_refused(tmp_path):
+    run = tmp_path / 'plain'
+    make_run_dir(run, 'resnet20', method='ce')
+    with pytest.raises(ValueError, match="NBN architecture.*got 'resnet20'"):
+        push_run(str(run), REPO_ID, dry_run=True, fold_nbn=True)
+    assert not (run / 'hub_export').exists()
+
+
+# ------------------------------------------------------------------------------------------ citations
+def test_every_method_label_has_its_paper():
+    assert set(METHODS) <= set(METHOD_PAPERS)
+    expected_first = {'cbn': '2212.01007', 'nbn': '2501.03122', 'gcl': '2305.11733', 'fsa': '2008.03673',
+                      'balanced_softmax': '2007.10740', 'logit_adjust': '2007.07314', 'ldam_drw': '1906.07413',
+                      'crt': '1910.09217', 'lws': '1910.09217', 'tau_norm': '1910.09217'}
+    for method, arxiv in expected_first.items():
+        assert PAPERS[METHOD_PAPERS[method][0]]['arxiv'] == arxiv, method
+    venues = {'cbn': 'ACM MM 2022', 'nbn': 'IEEE TIP 2025', 'gcl': 'CVPR 2022', 'fsa': 'ECCV 2020',
+              'balanced_softmax': 'NeurIPS 2020', 'logit_adjust': 'ICLR 2021', 'ldam': 'NeurIPS 2019',
+              'decoupling': 'ICLR 2020'}
+    for key, venue in venues.items():
+        assert PAPERS[key]['venue'] == venue
+    for key, paper in PAPERS.items():
+        bib = paper['bibtex']
+        assert bib.startswith('@') and bib.count('{') == bib.count('}') and paper['arxiv'] in bib, key
+
+
+def test_papers_for_adds_stage_loss_and_norm():
+    assert papers_for('gcl', 'crt', 'gcl', 'resnet32_gcl') == ['gcl', 'decoupling']
+    assert papers_for('cbn', 'stage1', 'balanced_softmax', 'resnet32_cbn') == ['cbn', 'balanced_softmax']
+    assert papers_for('fsa', 'fsa', 'ce', 'resnet32') == ['fsa']
+    assert papers_for('ce', 'stage1', 'ce', 'resnet32_nbn') == ['resnet', 'nbn']
+    with pytest.raises(ValueError, match="'mystery'"):
+        papers_for('mystery')

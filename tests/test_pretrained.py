@@ -1,0 +1,181 @@
+"""pretrained=True loading of the published lt_zoo tags, fully offline.
+
+The checkpoints are written by lt_zoo's own export (lt_zoo.export.export_model) into a temporary Hugging
+Face cache in the exact snapshot layout (shared/reference/ECOSYSTEM.md §3):
+    models--lt-zoo--NAME/refs/main                      40-hex commit, no trailing newline
+    models--lt-zoo--NAME/snapshots/<commit>/{model.safetensors, config.json}
+and timm's real loading code (hf_hub_download through huggingface_hub) reads them with HF_HUB_OFFLINE.
+"""
+import hashlib
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+import yaml
+
+import timm
+import lt_zoo
+from lt_zoo.data import FASHION_MNIST_CLASSES
+from lt_zoo.export import export_model
+from lt_zoo.layers.cosine_classifier import CosineClassifier
+from lt_zoo.models.pretrained_tags import HF_ORG, PRETRAINED_TAGS, SOURCE_RUNS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHED_TAGS = ('resnet32_cbn.fmnist_lt', 'resnet32_gcl.fmnist_lt')  # a CBN model and a cosine-head model
+
+
+def _perturbed(name: str) -> torch.nn.Module:
+    """A model of tag ``name`` whose weights and norm statistics differ from any fresh init."""
+    torch.manual_seed(sum(map(ord, name)))
+    model = timm.create_model(name)  # the tag's cfg: 1 channel, 10 classes, no weights loaded
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, *model.pretrained_cfg['input_size']))
+    return model.eval()
+
+
+def _install_snapshot(cache: Path, repo_id: str, export_dir: Path) -> Path:
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    for name in ('model.safetensors', 'config.json'):
+        shutil.copyfile(export_dir / name, snapshot / name)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(commit)  # huggingface_hub reads it unstripped: no newline
+    return snapshot
+
+
+@pytest.fixture(scope='module')
+def hub_cache(tmp_path_factory):
+    """{tag: original model} with every tag's export installed in a temporary HF cache; the cache path."""
+    root = tmp_path_factory.mktemp('hf')
+    cache = root / 'hub'
+    models = {}
+    for name in CACHED_TAGS:
+        model = _perturbed(name)
+        cfg = PRETRAINED_TAGS[name]
+        export_dir = root / name
+        export_model(model, export_dir, class_names=cfg['label_names'],
+                     data_config={k: cfg[k] for k in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')})
+        _install_snapshot(cache, cfg['hf_hub_id'], export_dir)
+        models[name] = model
+    return models, cache
+
+
+@pytest.fixture
+def offline(hub_cache, monkeypatch):
+    """huggingface_hub reads its env vars at import, so patch the constants it consults per call."""
+    models, cache = hub_cache
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    return models
+
+
+def _x(model, n=4):
+    return torch.randn(n, *model.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(1))
+
+
+def _predict(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+# ------------------------------------------------------------------------------------------ registry
+def test_bare_architecture_keeps_untrained_cifar_default():
+    for arch in sorted({name.split('.')[0] for name in PRETRAINED_TAGS}):
+        model = timm.create_model(arch)
+        assert model.conv1.weight.shape[1] == 3, arch  # not the 1-channel Fashion-MNIST tag
+        assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+        assert model.pretrained_cfg.get('tag') is None and not model.pretrained_cfg.get('hf_hub_id')
+        with pytest.raises(RuntimeError, match='No pretrained weights'):
+            timm.create_model(arch, pretrained=True)
+
+
+def test_tag_cfg_is_the_fashion_mnist_checkpoint():
+    model = timm.create_model('resnet32_cbn.fmnist_lt')
+    assert model.conv1.weight.shape[1] == 1 and model.num_classes == 10
+    cfg = model.pretrained_cfg
+    assert cfg['hf_hub_id'] == 'lt-zoo/resnet32_cbn.fmnist_lt' and cfg['tag'] == 'fmnist_lt'
+    assert cfg['input_size'] == (1, 28, 28) and cfg['architecture'] == 'resnet32_cbn'
+
+
+def test_every_tag_is_registered_and_consistent():
+    assert set(PRETRAINED_TAGS) <= set(timm.list_pretrained())
+    assert set(SOURCE_RUNS) == set(PRETRAINED_TAGS)
+    for name, cfg in PRETRAINED_TAGS.items():
+        assert cfg['hf_hub_id'] == f'{HF_ORG}/{name}' and HF_ORG == 'lt-zoo'
+        assert list(cfg['label_names']) == list(FASHION_MNIST_CLASSES)
+        assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0] == 1
+        assert cfg['num_classes'] == len(cfg['label_names'])
+
+
+def test_source_runs_match_the_benchmark_configs():
+    """Each tag's run directory is the output_dir of a fmnist_lt config whose (stage-1) model is the tag's arch."""
+    configs = {}
+    for path in (REPO_ROOT / 'train' / 'configs' / 'fmnist_lt').glob('*.yaml'):
+        cfg = yaml.safe_load(path.read_text())
+        if 'output_dir' in cfg:
+            configs[cfg['output_dir']] = cfg
+    for name, run in SOURCE_RUNS.items():
+        cfg = configs[run]
+        model = cfg.get('model') or configs[cfg['stage1_dir']]['model']
+        assert model == name.split('.')[0], (name, run)
+
+
+# ------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize('name', CACHED_TAGS)
+def test_tag_pretrained_loads_exact_weights(offline, name):
+    original = offline[name]
+    model = timm.create_model(name, pretrained=True)
+    assert huggingface_hub.try_to_load_from_cache(PRETRAINED_TAGS[name]['hf_hub_id'], 'model.safetensors')
+    want = original.state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    x = _x(original)
+    assert torch.equal(_predict(model, x), _predict(original, x))
+
+
+def test_hf_hub_prefix_loads_exact_weights(offline):
+    original = offline['resnet32_cbn.fmnist_lt']
+    model = timm.create_model('hf-hub:lt-zoo/resnet32_cbn.fmnist_lt', pretrained=True)
+    assert model.pretrained_cfg['architecture'] == 'resnet32_cbn'
+    assert list(model.pretrained_cfg['label_names']) == list(FASHION_MNIST_CLASSES)
+    x = _x(original)
+    assert torch.equal(_predict(model, x), _predict(original, x))
+
+
+@pytest.mark.parametrize('name,head', [('resnet32_cbn.fmnist_lt', torch.nn.Linear),
+                                       ('resnet32_gcl.fmnist_lt', CosineClassifier)])
+def test_other_num_classes_resets_only_the_head(offline, name, head):
+    original = offline[name].state_dict()
+    model = timm.create_model(name, pretrained=True, num_classes=4)
+    assert isinstance(model.fc, head) and model.fc.weight.shape == (4, 64)
+    got = model.state_dict()
+    body = [k for k in original if not k.startswith('fc.')]
+    assert set(got) - {'fc.weight', 'fc.bias'} == set(body)
+    assert all(torch.equal(got[k], original[k]) for k in body)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 4)
+
+
+def test_architecture_mismatch_is_a_clear_error(offline):
+    overlay = dict(hf_hub_id='lt-zoo/resnet32_cbn.fmnist_lt', num_classes=10, input_size=(1, 28, 28))
+    # CBN weights into an NBN network: keys differ
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\)|Unexpected key\(s\)'):
+        timm.create_model('resnet32_nbn', pretrained=True, in_chans=1, pretrained_cfg_overlay=overlay)
+    # a 1-channel checkpoint into a 3-channel stem: the model's filter names the fix
+    with pytest.raises(ValueError, match='in_chans=1'):
+        timm.create_model('resnet32_cbn', pretrained=True, in_chans=3,
+                          pretrained_cfg_overlay=dict(overlay, input_size=(1, 28, 28)))
+
+
+def test_loading_is_offline(offline):
+    """A tag whose repo is not in the temporary cache fails locally instead of reaching the network."""
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        timm.create_model('resnet32_nbn.fmnist_lt', pretrained=True)
