@@ -76,8 +76,9 @@ def main():
     if not args.report_only:
         first = [m for m in args.methods if METHODS[m][1] is None]
         second = [m for m in args.methods if METHODS[m][1] is not None]
-        # stage-1 runs the stage-2 methods need go first, so their dependants can start early
-        first.sort(key=lambda m: m not in {METHODS[s][1] for s in second})
+        # the dual-path CBN run is the longest (four passes per step): start it first; then the stage-1
+        # runs that stage-2 methods need, so their dependants can start early
+        first.sort(key=lambda m: (m != 'cbn', m not in {METHODS[s][1] for s in second}))
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = {m: pool.submit(run_method, m, args, log_dir) for m in first}
             later = []

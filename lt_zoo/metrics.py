@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .samplers import validate_class_counts
+from .class_counts import validate_class_counts
 
 __all__ = [
     "top1_accuracy", "per_class_accuracy", "balanced_accuracy", "shot_groups", "shot_accuracy",

@@ -329,8 +329,19 @@ def test_architecture_that_does_not_fit_the_weights_is_refused(run_copy):
     ev = json.loads((run_copy / 'eval.json').read_text())
     ev['model'] = 'resnet20_cbn'
     (run_copy / 'eval.json').write_text(json.dumps(ev))
-    with pytest.raises(ValueError, match="architecture 'resnet20_cbn'.*does not load"):
+    # the CBN entrypoint refuses the NBN option recorded in model_args
+    with pytest.raises(ValueError, match="architecture 'resnet20_cbn'.*does not load.*nbn_scope"):
         push_run(str(run_copy), REPO_ID, dry_run=True)
+    # without it, the NBN weights do not fit the CBN network's keys
+    del cfg['model_args']['nbn_scope']
+    (run_copy / 'config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="architecture 'resnet20_cbn'.*does not load") as info:
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+    msg = str(info.value)
+    # every NBN layer (scope 'all': stem + 2 per block x 9 blocks = 19) has alpha and lacks CBN's prior
+    assert '19 tensors the architecture needs are missing' in msg and 'running_prior' in msg
+    assert '19 checkpoint tensors are unknown to it' in msg and 'bn1.alpha' in msg
+    assert "bn1.bias (16,) vs (4, 16)" in msg and len(msg) < 2000
     assert not (run_copy / 'hub_export').exists()
 
 

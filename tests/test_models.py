@@ -114,6 +114,7 @@ def test_every_model_creates_forwards_and_backpropagates(name):
     ('resnet18_gcl', {'foo': 1}, ['foo', 'num_classes']),
     ('resnet32', {'head': 'cosine'}, ['head', 'num_classes']),  # the name picks the head
     ('resnet50_nbn', {'head': 'linear'}, ['head', 'num_classes']),
+    ('resnet20_nbn', {'output_stride': 8}, ['output_stride', 'num_classes']),  # no dilated CIFAR stages
 ])
 def test_unknown_option_names_it_and_the_valid_ones(name, kwargs, mentioned):
     with pytest.raises(ValueError) as info:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import timm
-import lt_zoo
+import lt_zoo  # noqa: F401  (registers the lt_zoo architectures)
 from lt_zoo.data import FASHION_MNIST_CLASSES
 from lt_zoo.export import export_model
 from lt_zoo.layers.cosine_classifier import CosineClassifier

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 
 from ..export import CONFIG_NAME, WEIGHTS_NAME, export_model, load_exported, read_export_config
 from ..layers.create_norm import NORMS, norm_options
@@ -66,14 +67,34 @@ def fold_nbn_for_export(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _weights_report(folder: str, cfg: Dict[str, Any]) -> str:
+    """Which checkpoint tensors the config's architecture lacks, adds or shapes differently (a few of each)."""
+    import timm
+    expected = {k: tuple(v.shape) for k, v in
+                timm.create_model(cfg['architecture'], **cfg.get('model_args', {})).state_dict().items()}
+    with safe_open(os.path.join(folder, WEIGHTS_NAME), framework='pt') as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    reshaped = [f'{k} {stored[k]} vs {expected[k]}' for k in sorted(set(stored) & set(expected))
+                if stored[k] != expected[k]]
+    return '; '.join(f'{len(keys)} {what} (e.g. {keys[:3]})' for what, keys in
+                     (('tensors the architecture needs are missing', missing),
+                      ('checkpoint tensors are unknown to it', unexpected),
+                      ('tensors have another shape, checkpoint vs model', reshaped)) if keys)
+
+
 def load_checked(folder: str) -> torch.nn.Module:
     """``lt_zoo.export.load_exported`` with a clear ValueError when config.json does not fit the weights."""
     cfg = read_export_config(folder)
+    head = (f"{folder}: config.json architecture {cfg['architecture']!r} (model_args {cfg.get('model_args', {})}) "
+            f"does not load its {WEIGHTS_NAME}")
     try:
         return load_exported(folder)
-    except RuntimeError as e:
-        raise ValueError(f"{folder}: config.json architecture {cfg['architecture']!r} (model_args "
-                         f"{cfg.get('model_args', {})}) does not load its model.safetensors: {e}") from e
+    except ValueError as e:  # the entrypoint refuses an option, or the stem check of the model's filter
+        raise ValueError(f"{head}: {e}") from e
+    except RuntimeError as e:  # torch load_state_dict: report the key differences, not the full dump
+        raise ValueError(f"{head}: {_weights_report(folder, cfg) or e}") from e
 
 
 def verify_export(folder: str, reference: torch.nn.Module, *, atol: float = 1e-6) -> None:

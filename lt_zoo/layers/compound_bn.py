@@ -437,8 +437,10 @@ class _Layout:
             return coef[:, start:stop].view(self.n, self.hw, stop - start)
         return coef[:, start:stop]
 
-    def _scaled(self, W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = Y * (W A) (per-vector W), with ``out`` used as the buffer of W A."""
+    def _scaled(self, W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """out = Y * (W A) (per-vector W), with ``out`` (if contiguous, else a new tensor) as buffer of W A."""
+        if out is None or not out.is_contiguous():
+            out = torch.empty(Y.shape, dtype=Y.dtype, device=Y.device)
         if self.cl:
             torch.mm(W.t(), A, out=self._flat(out))
         else:
@@ -460,8 +462,6 @@ class _Layout:
             coef = W @ torch.cat([A, B], 1)
             return torch.addcmul(self.part(coef, c, 2 * c), X, self.part(coef, 0, c),
                                  **({} if out is None else {'out': out}))
-        if out is None:
-            out = torch.empty_like(X)
         return self._add_expanded(self._scaled(W, A, X, out), W, B)
 
     def mix_grad(self, W, R, A, U, V, G, X, out: torch.Tensor) -> torch.Tensor:
@@ -473,10 +473,10 @@ class _Layout:
             coef = torch.cat([W @ A, R @ torch.cat([U, V], 1)], 1)
             torch.addcmul(self.part(coef, 2 * c, 3 * c), X, self.part(coef, c, 2 * c), out=out)
             return out.addcmul_(G, self.part(coef, 0, c))
-        self._scaled(W, A, G, out)
+        out = self._scaled(W, A, G, out)
         if U is None:
             return out
-        out.add_(self._scaled(R, U, X, torch.empty_like(X)))
+        out.add_(self._scaled(R, U, X, None))
         return self._add_expanded(out, R, V)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..samplers import validate_class_counts
+from ..class_counts import validate_class_counts
 
 __all__ = ["ClassCountLoss", "adjusted_cross_entropy", "focal_modulate", "REDUCTIONS"]
 

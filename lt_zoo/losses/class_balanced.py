@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..samplers import effective_number_weights
+from ..class_counts import effective_number_weights
 from .base import REDUCTIONS, ClassCountLoss, _check_number, adjusted_cross_entropy
 
 __all__ = ["ClassBalancedLoss", "class_balanced_weights"]

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..samplers import normalized_log_count_gap
+from ..class_counts import normalized_log_count_gap
 from .base import ClassCountLoss, _check_number, adjusted_cross_entropy
 
 __all__ = ["GCLLoss"]

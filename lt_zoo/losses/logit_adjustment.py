@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..samplers import validate_class_counts
+from ..class_counts import validate_class_counts
 from .base import ClassCountLoss, _check_number, adjusted_cross_entropy
 
 __all__ = ["LogitAdjustedLoss", "posthoc_adjust"]

@@ -230,7 +230,7 @@ def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool 
 
 # kwargs that timm's create_model / build_model_with_cfg consume themselves
 _BUILDER_KWARGS = tuple(inspect.signature(build_model_with_cfg).parameters)[3:-1] + (
-    'features_only', 'out_indices', 'feature_cls', 'output_stride')
+    'features_only', 'out_indices', 'feature_cls')
 
 
 def _check_stem(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
