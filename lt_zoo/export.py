@@ -10,15 +10,53 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import torch
 import torch.nn as nn
 from timm.models import save_for_hf
 
-from .layers.normalized_bn import fold_nbn as _fold_nbn
+from .layers.create_norm import NORMS, norm_options
+from .layers.normalized_bn import NormalizedBatchNorm2d, fold_nbn
+from .models._builder import HEADS, model_name
+from .models.cifar_resnet import CIFAR_DEPTHS
+from .models.imagenet_resnet import IMAGENET_DEPTHS
 
-__all__ = ['export_model', 'load_exported', 'read_export_config', 'WEIGHTS_NAME', 'CONFIG_NAME']
+__all__ = ['export_model', 'load_exported', 'read_export_config', 'plain_architecture', 'fold_nbn_for_export',
+           'WEIGHTS_NAME', 'CONFIG_NAME']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
+
+# lt_zoo name -> (depth, norm, head)
+_ARCHS = {model_name(d, n, h): (d, n, h) for d in (*CIFAR_DEPTHS, *IMAGENET_DEPTHS) for n in NORMS for h in HEADS}
+
+
+def plain_architecture(architecture: str) -> str:
+    """The plain-BN counterpart of an NBN architecture: timm's own ``resnet50`` for ImageNet depths with a
+    linear head, else the lt_zoo BN name (``resnet32_nbn`` -> ``resnet32``, ``resnet50_nbn_gcl`` -> ``resnet50_gcl``).
+    """
+    if architecture not in _ARCHS or _ARCHS[architecture][1] != 'nbn':
+        nbn = sorted(a for a, (_, n, _h) in _ARCHS.items() if n == 'nbn')
+        raise ValueError(f"--fold-nbn needs an NBN architecture (one of {nbn}); got {architecture!r}")
+    depth, _, head = _ARCHS[architecture]
+    return model_name(depth, 'bn', head)
+
+
+def fold_nbn_for_export(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every NBN layer into plain BN (in place) and rename the model for export.
+
+    ``pretrained_cfg['architecture']`` becomes :func:`plain_architecture` and the NBN options
+    (``nbn_scope``) leave the recorded model args, so config.json rebuilds a plain-BN model.
+    """
+    arch = model.pretrained_cfg['architecture']
+    plain = plain_architecture(arch)
+    if not any(isinstance(m, NormalizedBatchNorm2d) for m in model.modules()):
+        raise ValueError(f"--fold-nbn: the {arch} model has no NormalizedBatchNorm2d layer to fold")
+    fold_nbn(model)
+    model.pretrained_cfg = {**model.pretrained_cfg, 'architecture': plain}
+    model.default_cfg = model.pretrained_cfg
+    drop = set(norm_options('nbn'))
+    model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in drop}
+    return model
 
 
 def export_model(
@@ -36,13 +74,13 @@ def export_model(
     Args:
         class_names: stored as ``label_names`` in config.json.
         data_config: input_size/mean/std/crop_pct/interpolation overriding the registry cfg.
-        fold_nbn: replace NBN layers by plain BN first (``architecture`` becomes the BN model's name
-            for ImageNet depths, i.e. timm's own resnet; see ``lt_zoo.fold_nbn``).
+        fold_nbn: replace NBN layers by plain BN first (in place) and export under the plain-BN
+            architecture (:func:`fold_nbn_for_export`): timm's own ``resnet50`` for ImageNet depths.
     """
     if not hasattr(model, 'pretrained_cfg'):
         raise ValueError('export_model needs a model created by timm.create_model (it has no pretrained_cfg)')
     if fold_nbn:
-        model = _fold_nbn(model)
+        model = fold_nbn_for_export(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_config = {'label_names': list(class_names)} if class_names is not None else None

@@ -32,8 +32,9 @@ from lt_zoo.hub import (HUB_FILES, METHOD_PAPERS, PAPERS, MissingTokenError, pap
 from lt_zoo.hub.__main__ import main as hub_main
 from lt_zoo.layers.normalized_bn import NormalizedBatchNorm2d
 from lt_zoo.metrics import evaluate
+from lt_zoo.models.pretrained_tags import PRETRAINED_TAGS
 from lt_zoo.plots import plot_per_class_accuracy
-from lt_zoo.training.config import DEFAULTS, METHODS
+from lt_zoo.training.config import DEFAULTS, METHODS, validate_config
 
 REPO_ID = 'lt-zoo/resnet20_nbn.fmnist_lt'
 CLASS_NAMES = ['T-shirt/top', 'Trouser', 'Pullover']
@@ -61,6 +62,7 @@ def make_run_dir(path: Path, arch: str, *, method: str, model_kwargs=None, size:
     cfg = copy.deepcopy(DEFAULTS)
     cfg.update(method=method, dataset='fashion_mnist', output_dir=str(path), imbalance_factor=5.0, input_size=size,
                in_chans=1, model=arch, model_kwargs=model_kwargs, epochs=2, progress=False)
+    validate_config(cfg)  # the same schema train/train.py resolves and writes
     path.mkdir(parents=True)
     with open(path / 'config.yaml', 'w') as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -449,3 +451,17 @@ def test_papers_for_adds_stage_loss_and_norm():
     assert papers_for('ce', 'stage1', 'ce', 'resnet32_nbn') == ['resnet', 'nbn']
     with pytest.raises(ValueError, match="'mystery'"):
         papers_for('mystery')
+
+
+def test_listed_tag_is_checked_against_the_checkpoint(nbn_run, tmp_path, monkeypatch, capsys):
+    run, _ = nbn_run
+    pcfg = json.loads((run / 'config.json').read_text())['pretrained_cfg']
+    listed = dict(hf_hub_id=REPO_ID, num_classes=3, input_size=(1, 16, 16), mean=tuple(pcfg['mean']),
+                  std=tuple(pcfg['std']), label_names=tuple(CLASS_NAMES))
+    monkeypatch.setitem(PRETRAINED_TAGS, 'resnet20_nbn.fmnist_lt', listed)
+    text = write_card(str(run), REPO_ID, str(tmp_path / 'a.md')).read_text()
+    assert "timm.create_model('resnet20_nbn.fmnist_lt', pretrained=True)" in text
+    assert 'differs from this checkpoint' not in capsys.readouterr().err
+    monkeypatch.setitem(PRETRAINED_TAGS, 'resnet20_nbn.fmnist_lt', dict(listed, mean=(0.5,), num_classes=10))
+    write_card(str(run), REPO_ID, str(tmp_path / 'b.md'))
+    assert "differs from this checkpoint in ['num_classes', 'mean']" in capsys.readouterr().err

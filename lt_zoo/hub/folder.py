@@ -16,12 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from ..export import CONFIG_NAME, WEIGHTS_NAME, export_model, load_exported, read_export_config
-from ..layers.create_norm import NORMS, norm_options
-from ..layers.normalized_bn import NormalizedBatchNorm2d, fold_nbn
-from ..models._builder import HEADS, model_name
-from ..models.cifar_resnet import CIFAR_DEPTHS
-from ..models.imagenet_resnet import IMAGENET_DEPTHS
+from ..export import (CONFIG_NAME, WEIGHTS_NAME, export_model, fold_nbn_for_export, load_exported,
+                      plain_architecture, read_export_config)
 from .card import render_model_card
 from .run_record import EVAL_NAME, METRICS_NAME, PLOT_NAME, TRAIN_CONFIG_NAME, RunRecord
 
@@ -34,37 +30,6 @@ HUB_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, EVAL_NAME, HUB_TRAIN_CONFIG_N
 # data config keys carried from the run's config.json into a re-export (timm resolve_input_data_config)
 _DATA_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')
 
-# lt_zoo name -> (depth, norm, head)
-_ARCHS = {model_name(d, n, h): (d, n, h) for d in (*CIFAR_DEPTHS, *IMAGENET_DEPTHS) for n in NORMS for h in HEADS}
-
-
-def plain_architecture(architecture: str) -> str:
-    """The plain-BN counterpart of an NBN architecture: timm's own ``resnet50`` for ImageNet depths with a
-    linear head, else the lt_zoo BN name (``resnet32_nbn`` -> ``resnet32``, ``resnet50_nbn_gcl`` -> ``resnet50_gcl``).
-    """
-    if architecture not in _ARCHS or _ARCHS[architecture][1] != 'nbn':
-        nbn = sorted(a for a, (_, n, _h) in _ARCHS.items() if n == 'nbn')
-        raise ValueError(f"--fold-nbn needs an NBN architecture (one of {nbn}); got {architecture!r}")
-    depth, _, head = _ARCHS[architecture]
-    return model_name(depth, 'bn', head)
-
-
-def fold_nbn_for_export(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold every NBN layer into plain BN (in place) and rename the model for export.
-
-    ``pretrained_cfg['architecture']`` becomes :func:`plain_architecture` and the NBN options
-    (``nbn_scope``) leave the recorded model args, so config.json rebuilds a plain-BN model.
-    """
-    arch = model.pretrained_cfg['architecture']
-    plain = plain_architecture(arch)
-    if not any(isinstance(m, NormalizedBatchNorm2d) for m in model.modules()):
-        raise ValueError(f"--fold-nbn: the {arch} model has no NormalizedBatchNorm2d layer to fold")
-    fold_nbn(model)
-    model.pretrained_cfg = {**model.pretrained_cfg, 'architecture': plain}
-    model.default_cfg = model.pretrained_cfg
-    drop = set(norm_options('nbn'))
-    model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in drop}
-    return model
 
 
 def _weights_report(folder: str, cfg: Dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 import pprint
 from typing import Any, Dict, List, Tuple
 
+from ..models.pretrained_tags import PRETRAINED_TAGS
 from .citations import PAPERS, papers_for
 
 __all__ = ['pretrained_tag_entry', 'format_tag_entry']
@@ -36,7 +37,21 @@ def pretrained_tag_entry(record, export_config: Dict[str, Any], repo_id: str) ->
     warnings = [f"config.json model_args {extra} cannot be carried by a pretrained tag: "
                 f"timm.create_model('{name}', pretrained=True) builds the entrypoint's default options, so the tag "
                 f"only loads if these are the defaults; otherwise document 'hf-hub:{repo_id}'"] if extra else []
+    listed = PRETRAINED_TAGS.get(name)
+    if listed is not None:
+        stale = [k for k in _CHECKED if _norm(listed.get(k)) != _norm(entry.get(k))]
+        if stale:
+            warnings.append(f"PRETRAINED_TAGS['{name}'] differs from this checkpoint in {stale}: paste the entry "
+                            f"above into lt_zoo/models/pretrained_tags.py")
     return name, entry, warnings
+
+
+# fields of a listed tag that must describe the published weights
+_CHECKED = ('hf_hub_id', 'num_classes', 'input_size', 'mean', 'std', 'label_names')
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def format_tag_entry(name: str, entry: Dict[str, Any]) -> str:

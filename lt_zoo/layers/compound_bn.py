@@ -50,13 +50,13 @@ def symmetry_directions(num_components: int, num_features: int) -> torch.Tensor:
     """Deterministic (M, C) offsets d_k that break the symmetry of identically initialised components.
 
     Seeded standard normals, centred over k (so sum_k d_k = 0 and the mixture mean is unchanged) and
-    scaled to unit root-mean-square per component.  M = 1 gives zeros (CBN with M = 1 is plain BN).
+    scaled to unit root-mean-square over all entries.  M = 1 gives zeros (CBN with M = 1 is plain BN).
     """
     gen = torch.Generator().manual_seed(_SYMMETRY_SEED)
     d = torch.randn(num_components, num_features, generator=gen, dtype=torch.float64)
     d = d - d.mean(0, keepdim=True)
     if num_components > 1:
-        d = d / d.pow(2).mean(1, keepdim=True).sqrt()
+        d = d / d.pow(2).mean().sqrt()
     return d.float()
 
 
@@ -239,9 +239,8 @@ class CompoundBatchNorm2d(nn.Module):
     def _forward(self, x: torch.Tensor, groups: Optional[torch.Tensor], sync: bool) -> torch.Tensor:
         n, c, h, w = x.shape
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        prior = self.running_prior.to(cdt)
-        mean = self.running_mean.to(cdt)
-        var = self.running_var.to(cdt)
+        # copies: the running update below writes the buffers in place
+        prior, mean, var = (b.to(cdt, copy=True) for b in (self.running_prior, self.running_mean, self.running_var))
         # Work relative to the running mixture mean: keeps E[x^2] - E[x]^2 and the expanded quadratic of
         # the E-step free of cancellation when |mean| >> std (a constant, so gradients are unchanged).
         shift = (prior / prior.sum()) @ mean
@@ -259,6 +258,19 @@ class CompoundBatchNorm2d(nn.Module):
             y = self._forward_fused(X, self.weight, self.bias, run, shift, lay, sync, groups, keep_x=False)[0]
         y = y.view(n, h, w, c).permute(0, 3, 1, 2) if cl else y.view(n, c, h, w)
         return y.to(x.dtype)
+
+    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Posteriors r_pk of the E-step (running statistics, temperature applied): (N, C, H, W) -> (N, M, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        prior, mean, var = (b.to(cdt) for b in (self.running_prior, self.running_mean, self.running_var))
+        shift = (prior / prior.sum()) @ mean
+        X = torch.sub(x, shift.view(1, c, 1, 1)).reshape(n, c, h * w)
+        lay = _Layout(False, False, n, c, h * w)
+        R = lay.responsibilities(X, X * X, *self._estep_coefficients((prior, mean - shift, var)), inplace=False)
+        return R.view(n, -1, h, w)
 
     def _temperature(self) -> float:
         return float(self.num_features) if self.temperature == 'channels' else float(self.temperature)
@@ -401,7 +413,7 @@ class _Layout:
         else:
             logits = torch.matmul(w1, X).baddbmm_(w2.expand(self.n, -1, -1), X2)
         R = torch.softmax(logits.add_(self.per_component(const)), self.comp_dim)
-        return R.masked_fill_(R < _R_FLOOR, 0.0) if inplace else R
+        return F.threshold_(R, _R_FLOOR, 0.0) if inplace else R
 
     def counts(self, R: torch.Tensor) -> torch.Tensor:
         if self.split:

@@ -8,6 +8,7 @@ import argparse
 import copy
 import difflib
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
@@ -127,8 +128,14 @@ def _unknown_key_error(key: str, where: str) -> ValueError:
     return ValueError(f"unknown config key {key!r} in {where}{hint}; valid keys: {sorted(SCHEMA)}")
 
 
+# YAML 1.1 reads an exponent without a dot (1e-3) as a string; on the command line it means a float.
+_EXP_FLOAT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
+
+
 def _parse_value(text: str) -> Any:
     """A command-line value as YAML (numbers, booleans, null, lists and dicts in flow style)."""
+    if _EXP_FLOAT.fullmatch(text.strip()):
+        return float(text)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
