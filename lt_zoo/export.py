@@ -87,6 +87,7 @@ def export_model(
     with tempfile.TemporaryDirectory(dir=out, prefix='.export-') as tmp:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; exports are meant to be shared
             os.replace(os.path.join(tmp, name), out / name)
     return out
 

@@ -76,16 +76,19 @@ def close(a, b, tol=1e-5):
 
 
 # ----------------------------------------------------------------------------------- reference
+@pytest.mark.parametrize('graph', [True, False])  # autograd.Function path / no-graph path
 @pytest.mark.parametrize('channels_last', [False, True])
 @pytest.mark.parametrize('combine,temperature', [('posterior', 1.0), ('mn', 1.0), ('posterior', 3.0)])
-def test_training_forward_matches_numpy_reference(channels_last, combine, temperature):
+def test_training_forward_matches_numpy_reference(graph, channels_last, combine, temperature):
     layer = make_layer(combine=combine, temperature=temperature)
     x = torch.randn(4, 5, 3, 2, generator=torch.Generator().manual_seed(1)) * 1.5 + 0.3
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ref = numpy_reference(x, state(layer), layer.momentum, layer.eps, temperature, combine)
     close(layer.responsibilities(x), ref['r'])
-    y = layer(x)
+    with torch.set_grad_enabled(graph):
+        y = layer(x.requires_grad_(graph))
+    assert y.requires_grad == graph
     close(y, ref['y'])
     close(layer.running_prior, ref['prior'])
     close(layer.running_mean, ref['mean'])
@@ -97,6 +100,48 @@ def test_training_forward_matches_numpy_reference(channels_last, combine, temper
     close(layer1.running_mean, ref['mu_t'])
     close(layer1.running_var, ref['var_t'] * (ref['nk'] / (ref['nk'] - 1))[:, None])
     close(layer1.running_prior, ref['nk'] / ref['nk'].sum())
+
+
+@pytest.mark.parametrize('graph', [True, False])
+def test_eval_forward_matches_numpy_reference(graph):
+    layer = make_layer(c=4, m=3).eval()
+    st = state(layer)
+    x = torch.randn(3, 4, 2, 3) * 2
+    with torch.set_grad_enabled(graph):
+        y = layer(x.requires_grad_(graph))
+    xn = x.detach().double().numpy()
+    r = layer.responsibilities(x).detach().double().numpy()  # checked against the loop reference above
+    expected = np.zeros_like(xn)
+    for k in range(3):
+        xhat = (xn - st['running_mean'][k][None, :, None, None]) / np.sqrt(
+            st['running_var'][k][None, :, None, None] + layer.eps)
+        expected += r[:, k:k + 1] * (st['weight'][k][None, :, None, None] * xhat + st['bias'][k][None, :, None, None])
+    close(y, expected)
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('graph', [True, False])
+def test_large_mean_offset_is_numerically_stable(train, graph):
+    """|mean| = 1000 std: fp32 results match fp64 (squares are taken relative to the mixture mean)."""
+    layers = []
+    for dtype in (torch.float32, torch.float64):
+        layer = make_layer(c=6, m=3).to(dtype)
+        with torch.no_grad():
+            layer.running_mean.add_(1000.0)
+        layers.append(layer.train(train))
+    x = 1000.0 + torch.randn(4, 6, 3, 3, dtype=torch.float64) * 1.3
+    outs = []
+    for layer in layers:
+        with torch.set_grad_enabled(graph):
+            xi = x.to(layer.weight.dtype).requires_grad_(graph)
+            y = layer(xi)
+        if graph:
+            y.backward(torch.ones_like(y))
+        outs.append((y.double(), layer.running_mean.double(), layer.running_var.double()))
+        if graph:
+            outs[-1] += (xi.grad.double(), layer.weight.grad.double())
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_single_component_is_batchnorm():

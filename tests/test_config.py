@@ -37,13 +37,23 @@ def _load(path: Path, *extra):
 
 # ---------------------------------------------------------------------------------------- defaults
 def test_defaults_are_filled_in_and_not_shared():
-    cfg = load_config([])
-    assert cfg == DEFAULTS and list(cfg) == list(SCHEMA)
+    cfg = load_config(['--model', 'resnet32'])
+    assert cfg == {**DEFAULTS, 'model': 'resnet32'} and list(cfg) == list(SCHEMA)
     assert cfg['stage'] == 'stage1' and cfg['epochs'] == 200 and cfg['lr'] == 0.1  # LDAM/GCL CIFAR recipe
     cfg['model_kwargs']['num_components'] = 2
     cfg['lr_steps'].append(190)
     assert DEFAULTS['model_kwargs'] == {} and DEFAULTS['lr_steps'] == [160, 180]
-    assert load_config([])['model_kwargs'] == {}
+    assert load_config(['--model', 'resnet32'])['model_kwargs'] == {}
+
+
+def test_model_has_no_default_so_stage2_takes_the_stage1_architecture():
+    assert DEFAULTS['model'] is None
+    assert load_config(['--stage', 'crt', '--stage1_dir', 'runs/x'])['model'] is None
+
+
+def test_stop_after_epoch_needs_checkpoints():
+    with pytest.raises(ValueError, match=r"stop_after_epoch needs save_checkpoints"):
+        load_config(['--model', 'resnet32', '--stop_after_epoch', '1', '--save_checkpoints', 'false'])
 
 
 def test_file_keys_override_defaults_and_command_line_overrides_file(tmp_path):

@@ -308,9 +308,13 @@ def guarded_dir(tmp_path, monkeypatch):
         raise AssertionError('training started although the configuration is invalid')
     monkeypatch.setattr(train, 'train_epochs', no_training)
     monkeypatch.setattr(train, 'run_fsa', no_training)
-    yield run_dir
-    assert sorted(os.listdir(run_dir)) == ['eval.json']
-    assert (run_dir / 'eval.json').read_text() == SENTINEL
+    return run_dir
+
+
+def assert_refused(argv, exc, match, run_dir):
+    with pytest.raises(exc, match=match):
+        train_main(argv)
+    assert sorted(os.listdir(run_dir)) == ['eval.json'] and (run_dir / 'eval.json').read_text() == SENTINEL
 
 
 def _export_untrained(tmp_path, name, **kwargs):
@@ -331,6 +335,8 @@ BAD_OPTIONS = [  # (extra argv on digits/ce.yaml, exception, message pattern)
     (['--loss', 'ldam'], ValueError, r"loss 'ldam' works on cosine similarities.*cosine head"),
     (['--dual_path', 'true'], ValueError, r"dual_path needs a CBN model.*'resnet32'"),
     (['--stage', 'crt'], ValueError, r"stage 'crt' needs stage1_dir"),
+    (['--model', 'null'], ValueError, r"stage1 needs a model, e.g. --model resnet32"),
+    (['--stop_after_epoch', '1', '--save_checkpoints', 'false'], ValueError, r"stop_after_epoch needs save_checkpoints"),
 ]
 
 
@@ -338,13 +344,12 @@ BAD_OPTIONS = [  # (extra argv on digits/ce.yaml, exception, message pattern)
 def test_bad_option_fails_before_training_and_spares_run_dir(extra, exc, match, guarded_dir):
     # --overwrite: the directory would be deleted if the check came after the run directory was prepared
     argv = ['--config', DIGITS / 'ce.yaml', *FAST, '--output_dir', guarded_dir, '--overwrite', *extra]
-    with pytest.raises(exc, match=match):
-        train_main(argv)
+    assert_refused(argv, exc, match, guarded_dir)
 
 
 def test_stage2_needs_stage1_dir(guarded_dir):
-    with pytest.raises(ValueError, match=r"stage 'lws' needs stage1_dir"):
-        train_main(['--config', DIGITS / 'lws.yaml', *FAST, '--output_dir', guarded_dir, '--stage1_dir', 'null'])
+    assert_refused(['--config', DIGITS / 'lws.yaml', *FAST, '--output_dir', guarded_dir, '--stage1_dir', 'null'],
+                   ValueError, r"stage 'lws' needs stage1_dir", guarded_dir)
 
 
 def test_stage1_dir_must_be_a_finished_run(guarded_dir, tmp_path):
@@ -352,21 +357,21 @@ def test_stage1_dir_must_be_a_finished_run(guarded_dir, tmp_path):
     (stopped / 'checkpoints' / 'epoch_0001').mkdir(parents=True)
     (stopped / 'config.yaml').write_text('method: ce\n')
     (stopped / 'metrics.jsonl').write_text('{"epoch": 1}\n')
-    with pytest.raises(FileNotFoundError, match=r"not an exported lt_zoo/timm model: missing \['model.safetensors'"):
-        train_main(argv_for('crt', guarded_dir, stage1_dir=stopped) + ['--overwrite'])
+    assert_refused(argv_for('crt', guarded_dir, stage1_dir=stopped) + ['--overwrite'], FileNotFoundError,
+                   r"not an exported lt_zoo/timm model: missing \['model.safetensors'", guarded_dir)
 
 
 def test_stage1_class_count_must_match_data(guarded_dir, tmp_path):
     five = _export_untrained(tmp_path, 'resnet32', num_classes=5, in_chans=1)
-    with pytest.raises(ValueError, match=r"has num_classes=5, but this run's data needs num_classes=10"):
-        train_main(argv_for('crt', guarded_dir, stage1_dir=five) + ['--overwrite'])
+    assert_refused(argv_for('crt', guarded_dir, stage1_dir=five) + ['--overwrite'], ValueError,
+                   r"has num_classes=5, but this run's data needs num_classes=10", guarded_dir)
 
 
 @pytest.mark.parametrize('method', ['lws', 'tau_norm'])
 def test_weight_rescaling_refuses_cosine_head(method, guarded_dir, tmp_path):
     cosine = _export_untrained(tmp_path, 'resnet32_gcl', num_classes=10, in_chans=1)
-    with pytest.raises(ValueError, match=rf"stage '{method}' rescales class weights.*cosine head"):
-        train_main(argv_for(method, guarded_dir, stage1_dir=cosine) + ['--overwrite'])
+    assert_refused(argv_for(method, guarded_dir, stage1_dir=cosine) + ['--overwrite'], ValueError,
+                   rf"stage '{method}' rescales class weights.*cosine head", guarded_dir)
 
 
 def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, monkeypatch):
@@ -407,8 +412,8 @@ def test_dual_path_loss_default_terms():
     cls = sum(float(_stub_cls(logits[k], y).detach()) for k in ('compound_strong', 'split_strong'))
     cons = {v: _neg_mean_cos(logits[f'compound_{v}'], logits[f'split_{v}']) for v in ('weak', 'strong')}
     for v in cons:
-        assert float(terms[f'consistency_{v}']) == pytest.approx(cons[v], abs=1e-12)
-    assert float(terms['loss']) == pytest.approx(cls + 0.1 * (cons['weak'] + cons['strong']), abs=1e-12)
+        assert float(terms[f'consistency_{v}'].detach()) == pytest.approx(cons[v], abs=1e-12)
+    assert float(terms['loss'].detach()) == pytest.approx(cls + 0.1 * (cons['weak'] + cons['strong']), abs=1e-12)
 
 
 def test_dual_path_consistency_gradient_is_stop_gradient():
@@ -434,7 +439,8 @@ def test_dual_path_loss_switches(views, paths):
     only = {k: logits[k] for k in chosen}  # without consistency no other logits are needed
     terms = DualPathLoss(_stub_cls, cls_views=views, cls_paths=paths, consistency_weight=0.0)(only, y)
     assert set(terms) == {f'cls_{k}' for k in chosen} | {'loss'}
-    assert float(terms['loss']) == pytest.approx(sum(float(_stub_cls(logits[k], y).detach()) for k in chosen), abs=1e-12)
+    want = sum(float(_stub_cls(logits[k], y).detach()) for k in chosen)
+    assert float(terms['loss'].detach()) == pytest.approx(want, abs=1e-12)
     assert dual_path_keys(views, paths, ['weak', 'strong'], 0.0) == sorted(chosen)
     assert dual_path_keys(views, paths, ['weak'], 0.1) == sorted(set(chosen) | {'compound_weak', 'split_weak'})
 

@@ -91,6 +91,8 @@ def build_model(cfg, data, accelerator):
     """Stage 1: a fresh model.  Stage 2: the stage-1 export, checked against this run's data."""
     num_classes = data['splits'].num_classes
     if cfg['stage'] == 'stage1':
+        if not cfg['model']:
+            raise ValueError("stage1 needs a model, e.g. --model resnet32 (see timm.list_models('resnet32*'))")
         model = timm.create_model(cfg['model'], num_classes=num_classes, in_chans=data['in_chans'],
                                   **cfg['model_kwargs'])
     else:
@@ -100,7 +102,7 @@ def build_model(cfg, data, accelerator):
             if have is not None and have != want:
                 raise ValueError(f"stage-1 checkpoint {cfg['stage1_dir']!r} has {key}={have}, but this run's data "
                                  f"needs {key}={want}")
-        if cfg['model'] != exported['architecture'] and cfg['model'] != 'resnet32':
+        if cfg['model'] is not None and cfg['model'] != exported['architecture']:
             raise ValueError(f"config model {cfg['model']!r} does not match the stage-1 architecture "
                              f"{exported['architecture']!r}")
         model = load_exported(cfg['stage1_dir'])
@@ -108,10 +110,12 @@ def build_model(cfg, data, accelerator):
     loss_cls = create_loss(cfg['loss'], data['counts'].tolist(), **cfg['loss_kwargs'])
     if getattr(loss_cls, 'expects_cosine', False) and not isinstance(head, CosineClassifier):
         raise ValueError(f"loss {cfg['loss']!r} works on cosine similarities and needs a cosine head "
-                         f"(a '_gcl' model), but {cfg['model']!r} has {type(head).__name__}")
+                         f"(a '_gcl' model), but {model.pretrained_cfg.get('architecture')!r} has "
+                         f"{type(head).__name__}")
     has_cbn = any(isinstance(m, CompoundBatchNorm2d) for m in model.modules())
     if cfg['dual_path'] and not has_cbn:
-        raise ValueError(f"dual_path needs a CBN model (e.g. resnet32_cbn); {cfg['model']!r} has no CompoundBatchNorm2d")
+        raise ValueError(f"dual_path needs a CBN model (e.g. resnet32_cbn); "
+                         f"{model.pretrained_cfg.get('architecture')!r} has no CompoundBatchNorm2d")
     if cfg['stage'] in ('lws', 'tau_norm') and isinstance(head, CosineClassifier):
         raise ValueError(f"stage {cfg['stage']!r} rescales class weights, which a cosine head normalises away")
     return model, loss_cls
@@ -177,10 +181,10 @@ def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sa
     optimizer, scheduler = make_optimizer(cfg, params, steps_per_epoch, cfg['epochs'])
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     ckpt = resolve_resume(run_dir, cfg['resume'])
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
+        state.load(ckpt)
         accelerator.print(f'resumed from {ckpt} (epoch {state.epoch} done)')
     metrics_path = Path(run_dir) / 'metrics.jsonl'
     if accelerator.is_main_process:
@@ -222,15 +226,16 @@ def train_epochs(cfg, accelerator, run_dir, model, step_fn, params, train_dl, sa
                                    if v is not None))
         state.epoch = epoch + 1
         if cfg['save_checkpoints']:
-            save_checkpoint(accelerator, run_dir, state.epoch, cfg['keep_checkpoints'])
+            save_checkpoint(accelerator, run_dir, state, cfg['keep_checkpoints'])
         if cfg['stop_after_epoch'] is not None and state.epoch >= cfg['stop_after_epoch'] and state.epoch < cfg['epochs']:
             accelerator.print(f'stopping after epoch {state.epoch} (stop_after_epoch); continue with --resume')
             return None
     return accelerator.unwrap_model(model)
 
 
-def save_checkpoint(accelerator, run_dir, epoch, keep):
+def save_checkpoint(accelerator, run_dir, state, keep):
     """Accelerate state into a temporary folder, then renamed: a kill never leaves a half checkpoint."""
+    epoch = state.epoch
     root = Path(run_dir) / 'checkpoints'
     tmp = root / f'.tmp_epoch_{epoch:04d}'
     if accelerator.is_main_process:
@@ -239,6 +244,7 @@ def save_checkpoint(accelerator, run_dir, epoch, keep):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state.save(tmp)
         commit_checkpoint(tmp, run_dir, epoch, keep)
     accelerator.wait_for_everyone()
 
@@ -306,7 +312,7 @@ def run_fsa(cfg, accelerator, model, train_dl, counts):
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total += float(loss)
+        total += float(loss.detach())
         bar.set_postfix(loss=f'{total / (i + 1):.3f}')
     accelerator.print(f'fsa phase II: {len(batches)} iterations of batch {batches.batch_size}, '
                       f'mean loss {total / max(1, len(batches)):.4f}, tail classes {bank.tail_classes.tolist()}')

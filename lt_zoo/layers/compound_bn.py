@@ -26,7 +26,7 @@ off, and the output has the input dtype.
 """
 import contextlib
 import math
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -239,24 +239,27 @@ class CompoundBatchNorm2d(nn.Module):
     def _forward(self, x: torch.Tensor, groups: Optional[torch.Tensor], sync: bool) -> torch.Tensor:
         n, c, h, w = x.shape
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        # copies: the running update below writes the buffers in place
+        # copies: the running update writes the buffers in place
         prior, mean, var = (b.to(cdt, copy=True) for b in (self.running_prior, self.running_mean, self.running_var))
-        # Work relative to the running mixture mean: keeps E[x^2] - E[x]^2 and the expanded quadratic of
-        # the E-step free of cancellation when |mean| >> std (a constant, so gradients are unchanged).
+        # Squares are taken relative to the running mixture mean s: E[(x-s)^2] - E[x-s]^2 and the E-step
+        # quadratic then stay free of cancellation when |mean| >> std.
         shift = (prior / prior.sum()) @ mean
-        xc = torch.sub(x, shift.view(1, c, 1, 1))  # promotes bf16/fp16 to fp32
-        cl = not xc.is_contiguous() and xc.is_contiguous(memory_format=torch.channels_last)
-        lay = _Layout(cl, groups is not None, n, c, h * w)
-        X = xc.permute(0, 2, 3, 1).reshape(n, h * w, c) if cl else xc.reshape(n, c, h * w)
-        run = (prior, mean - shift, var)
-        grad = torch.is_grad_enabled() and (xc.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
-        if grad and self.responsibility_grad and groups is None:
-            y = self._forward_autograd(X, run, shift, lay, sync)
-        elif grad:
-            y = _CompoundNormFn.apply(X, self.weight, self.bias, self, run, shift, lay, sync, groups)
-        else:  # no graph: X is our own temporary and may be overwritten
-            y = self._forward_fused(X, self.weight, self.bias, run, shift, lay, sync, groups, keep_x=False)[0]
-        y = y.view(n, h, w, c).permute(0, 3, 1, 2) if cl else y.view(n, c, h, w)
+        s4 = shift.view(1, c, 1, 1)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad)
+        if grad:  # coordinates x - s, saved for backward (the shift is a constant: same gradients)
+            xc, cl = _standard_layout(torch.sub(x, s4))  # also promotes bf16/fp16 to fp32
+            lay = _Layout(cl, groups is not None, n, c, h, w)
+            run = _Running(prior, mean, var, shift, shift)
+            if self.responsibility_grad and groups is None:
+                y = self._forward_autograd(xc, run, lay, sync)
+            else:
+                y = _CompoundNormFn.apply(xc, self.weight, self.bias, self, run, lay, sync, groups)
+        else:  # no graph: raw coordinates and one pass for (x - s)^2, which becomes the output buffer
+            xr, cl = _standard_layout(x.to(cdt))
+            sq = F.mse_loss(xr, s4.expand_as(xr), reduction='none')
+            lay = _Layout(cl, groups is not None, n, c, h, w)
+            run = _Running(prior, mean, var, shift, torch.zeros_like(shift))
+            y = self._forward_fused(xr, sq, self.weight, self.bias, run, lay, sync, groups)[0]
         return y.to(x.dtype)
 
     def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,32 +270,36 @@ class CompoundBatchNorm2d(nn.Module):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         prior, mean, var = (b.to(cdt) for b in (self.running_prior, self.running_mean, self.running_var))
         shift = (prior / prior.sum()) @ mean
-        X = torch.sub(x, shift.view(1, c, 1, 1)).reshape(n, c, h * w)
-        lay = _Layout(False, False, n, c, h * w)
-        R = lay.responsibilities(X, X * X, *self._estep_coefficients((prior, mean - shift, var)), inplace=False)
+        lay = _Layout(False, False, n, c, h, w)
+        X = lay.view(torch.sub(x, shift.view(1, c, 1, 1)))
+        R = lay.responsibilities(X, X * X, *self._estep_coefficients(_Running(prior, mean, var, shift, shift)),
+                                 inplace=False)
         return R.view(n, -1, h, w)
 
     def _temperature(self) -> float:
         return float(self.num_features) if self.temperature == 'channels' else float(self.temperature)
 
-    def _estep_coefficients(self, run):
-        """l_pk / T = (x_p^2 . w2_k + x_p . w1_k + const_k), the -C/2 log 2 pi constant dropped."""
-        prior, mean_c, var = run
-        var = var.clamp_min(self.eps)
+    def _estep_coefficients(self, run: '_Running'):
+        """l_pk / T = (x2_p . w2_k + x_p . w1_k + const_k) with x2 = (x - s)^2, x relative to the origin.
+
+        The -C/2 log 2 pi constant is dropped (it cancels in the softmax).
+        """
+        var = run.var.clamp_min(self.eps)
         ivar = var.reciprocal()
-        w1 = mean_c * ivar
-        const = (prior.clamp_min(torch.finfo(prior.dtype).tiny).log()
-                 - 0.5 * (var.log().sum(1) + (mean_c * w1).sum(1)))
+        mean_s = run.mean - run.shift
+        w1 = mean_s * ivar
+        const = (run.prior.clamp_min(torch.finfo(var.dtype).tiny).log()
+                 - 0.5 * (var.log().sum(1) + (mean_s * w1).sum(1)) + w1 @ (run.origin - run.shift))
         t = self._temperature()
         return w1 / t, ivar * (-0.5 / t), const / t
 
-    def _m_step(self, lay: '_Layout', R, X, X2, shift, run, sync: bool, autograd: bool):
+    def _m_step(self, lay: '_Layout', R, X, X2, run: '_Running', sync: bool, autograd: bool):
         """Batch statistics (global under DDP), running update, and the statistics that normalise.
 
-        Returns (mean, var, prior) used for normalising/combining, the safe counts (M, 1) and the
-        (M, 1) mask of components normalised with batch statistics (None: none is).
+        X is relative to run.origin, X2 = (x - s)^2 (None on the split path with origin = s).  Returns
+        the mean (relative to the origin), variance and prior used for normalising/combining, the safe
+        counts (M, 1) and the (M, 1) mask of components normalised with batch statistics (None: none).
         """
-        prior, mean_c, var = run
         c = self.num_features
         counts = lay.counts(R)
         s1 = lay.moments(R, X)
@@ -308,14 +315,16 @@ class CompoundBatchNorm2d(nn.Module):
         raw = counts.detach()
         active = raw > _MIN_COUNT
         safe = torch.where(active, counts, torch.ones_like(counts)).unsqueeze(1)
-        bmean_c = s1 / safe
-        bvar = (s2 / safe - bmean_c * bmean_c).clamp_min(0)
+        bmean = s1 / safe
+        offset = bmean + (run.origin - run.shift)  # batch mean relative to s
+        bvar = (s2 / safe - offset * offset).clamp_min(0)
         if self.momentum > 0:
-            self._update_running(raw, active, bmean_c.detach() + shift, bvar.detach(), not lay.split)
+            self._update_running(raw, active, bmean.detach() + run.origin, bvar.detach(), not lay.split)
+        mean_o = run.mean - run.origin
         if self.train_stats == 'running':
-            return mean_c, var, prior, safe, None
+            return mean_o, run.var, run.prior, safe, None
         mask = active.unsqueeze(1)
-        return (torch.where(mask, bmean_c, mean_c), torch.where(mask, bvar, var), counts / counts.sum(),
+        return (torch.where(mask, bmean, mean_o), torch.where(mask, bvar, run.var), counts / counts.sum(),
                 safe, mask)
 
     def _combine_weights(self, R, prior, lay: '_Layout'):
@@ -324,45 +333,50 @@ class CompoundBatchNorm2d(nn.Module):
             return R
         return R * lay.per_component(prior.clamp_min(torch.finfo(R.dtype).tiny).rsqrt())
 
-    def _fold(self, weight, bias, mean_c, var):
+    def _fold(self, weight, bias, mean, var):
         """Branch k as A_k x + B_k: A = gamma / sqrt(var + eps), B = beta - A mean; also 1/sqrt(var + eps)."""
         inv = torch.rsqrt(var + self.eps)
         scale = weight.to(inv.dtype) * inv
-        return scale, bias.to(inv.dtype) - scale * mean_c, inv
+        return scale, bias.to(inv.dtype) - scale * mean, inv
 
-    def _statistics(self, lay, R, X, X2, shift, run, sync, autograd):
+    def _statistics(self, lay, R, X, X2, run, sync, autograd):
         if self.training:
-            return self._m_step(lay, R, X, X2, shift, run, sync, autograd)
-        return run[1], run[2], run[0], None, None
+            return self._m_step(lay, R, X, X2, run, sync, autograd)
+        return run.mean - run.origin, run.var, run.prior, None, None
 
-    def _forward_fused(self, X, weight, bias, run, shift, lay: '_Layout', sync: bool, groups, keep_x: bool):
-        """The whole layer without autograd, reusing buffers (X^2 becomes the output).
+    def _forward_fused(self, x4, sq4, weight, bias, run: '_Running', lay: '_Layout', sync: bool, groups):
+        """The whole layer on the (N, C, H, W) map ``x4`` (relative to run.origin), without autograd.
 
-        Runs inside _CompoundNormFn.forward (keep_x: X is saved for backward) or under no_grad.
+        ``sq4`` = (x - s)^2 in x4's layout or None (then computed here if the E-step needs it); it is
+        reused as the output buffer.  Returns a 4-D tensor that is not a view, so in-place ops downstream
+        (ReLU) need no CopySlices in backward.  Runs inside _CompoundNormFn.forward or under no_grad.
         """
-        X2 = None
+        X = lay.view(x4)
+        if sq4 is None and groups is None:
+            sq4 = x4 * x4  # origin = s here
+        X2 = None if sq4 is None else lay.view(sq4)
         if groups is None:
-            X2 = X * X
             R = lay.responsibilities(X, X2, *self._estep_coefficients(run), inplace=True)
         else:
             R = F.one_hot(groups, self.num_components).to(X.dtype)
-        mean_c, var, prior, counts, mask = self._statistics(lay, R, X, X2, shift, run, sync, autograd=False)
+        mean, var, prior, counts, mask = self._statistics(lay, R, X, X2, run, sync, autograd=False)
         W = self._combine_weights(R, prior, lay)
-        scale, offset, inv = self._fold(weight, bias, mean_c, var)
-        out = X2 if X2 is not None else (None if keep_x else X)
-        y = lay.mix(W, scale, offset, X, out)
-        return y, (R, W, scale, inv, mean_c, counts, mask)
+        scale, offset, inv = self._fold(weight, bias, mean, var)
+        out = sq4 if sq4 is not None else torch.empty_like(x4)
+        lay.mix(W, scale, offset, X, lay.view(out))
+        return out, (R, W, scale, inv, mean, counts, mask)
 
-    def _forward_autograd(self, X, run, shift, lay: '_Layout', sync: bool):
+    def _forward_autograd(self, xc, run: '_Running', lay: '_Layout', sync: bool):
         """Plain autograd version (responsibility_grad=True): gradients also flow through r_pk(x)."""
+        X = lay.view(xc)
         X2 = X * X
         R = lay.responsibilities(X, X2, *self._estep_coefficients(run), inplace=False)
-        mean_c, var, prior, _, _ = self._statistics(lay, R, X, X2, shift, run, sync, autograd=True)
+        mean, var, prior, _, _ = self._statistics(lay, R, X, X2, run, sync, autograd=True)
         W = self._combine_weights(R, prior, lay)
-        scale, offset, _ = self._fold(self.weight, self.bias, mean_c, var)
+        scale, offset, _ = self._fold(self.weight, self.bias, mean, var)
         coef = lay.expand(W, torch.cat([scale, offset], 1))
         c = self.num_features
-        return torch.addcmul(lay.part(coef, c, 2 * c), X, lay.part(coef, 0, c))
+        return torch.addcmul(lay.unview(lay.part(coef, c, 2 * c)), xc, lay.unview(lay.part(coef, 0, c)))
 
     @torch.no_grad()
     def _update_running(self, counts, active, bmean, bvar, update_prior: bool) -> None:
@@ -380,6 +394,24 @@ class CompoundBatchNorm2d(nn.Module):
         self.num_batches_tracked.add_(1)
 
 
+class _Running(NamedTuple):
+    """Running state in the compute dtype, the shift s of the squares and the origin of the coordinates."""
+    prior: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    shift: torch.Tensor
+    origin: torch.Tensor
+
+
+def _standard_layout(t: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """(t, channels_last?) with t contiguous or channels_last-contiguous (copied if neither)."""
+    if t.is_contiguous():
+        return t, False
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t, True
+    return t.contiguous(), False
+
+
 # Responsibilities below this are set to 0: they are irrelevant and would be (slow) subnormal floats.
 _R_FLOOR = 1e-30
 
@@ -393,9 +425,23 @@ class _Layout:
     (batched) GEMM with M on one side; nothing of size P x M x C exists.
     """
 
-    def __init__(self, cl: bool, split: bool, n: int, c: int, hw: int):
-        self.cl, self.split, self.n, self.c, self.hw = cl, split, n, c, hw
+    def __init__(self, cl: bool, split: bool, n: int, c: int, h: int, w: int):
+        self.cl, self.split, self.n, self.c, self.h, self.w, self.hw = cl, split, n, c, h, w, h * w
         self.comp_dim = 0 if cl else 1
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> X layout; a view for tensors in the layer's memory format."""
+        if self.cl:
+            return t.permute(0, 2, 3, 1).reshape(self.n, self.hw, self.c)
+        return t.reshape(self.n, self.c, self.hw)
+
+    def unview(self, t: torch.Tensor) -> torch.Tensor:
+        """X layout (or a per-image (N, C, 1) / (N, 1, C) coefficient) -> broadcastable (N, C, H, W)."""
+        if self.split:
+            return t.reshape(self.n, self.c, 1, 1)
+        if self.cl:
+            return t.view(self.n, self.h, self.w, self.c).permute(0, 3, 1, 2)
+        return t.view(self.n, self.c, self.h, self.w)
 
     def _flat(self, Y: torch.Tensor) -> torch.Tensor:
         return Y.reshape(-1, self.c)
@@ -449,10 +495,10 @@ class _Layout:
             return coef[:, start:stop].view(self.n, self.hw, stop - start)
         return coef[:, start:stop]
 
-    def _scaled(self, W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-        """out = Y * (W A) (per-vector W), with ``out`` (if contiguous, else a new tensor) as buffer of W A."""
-        if out is None or not out.is_contiguous():
-            out = torch.empty(Y.shape, dtype=Y.dtype, device=Y.device)
+    def _scaled(self, W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = Y * (W A) (per-vector W), with the contiguous ``out`` as the buffer of W A."""
+        if not out.is_contiguous():
+            raise RuntimeError('internal: CBN output buffer must be contiguous in the layer layout')
         if self.cl:
             torch.mm(W.t(), A, out=self._flat(out))
         else:
@@ -488,8 +534,8 @@ class _Layout:
         out = self._scaled(W, A, G, out)
         if U is None:
             return out
-        out.add_(self._scaled(R, U, X, None))
-        return self._add_expanded(out, R, V)
+        su = torch.mm(R.t(), U).view(X.shape) if self.cl else torch.matmul(U.t(), R)
+        return self._add_expanded(out.addcmul_(su, X), R, V)
 
 
 class _CompoundNormFn(torch.autograd.Function):
@@ -505,20 +551,21 @@ class _CompoundNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, weight, bias, layer, run, shift, lay, sync, groups):
-        y, (R, W, scale, inv, mean_c, counts, mask) = layer._forward_fused(
-            X, weight, bias, run, shift, lay, sync, groups, keep_x=True)
+    def forward(ctx, xc, weight, bias, layer, run, lay, sync, groups):
+        y, (R, W, scale, inv, mean, counts, mask) = layer._forward_fused(xc, None, weight, bias, run, lay, sync, groups)
         ctx.lay, ctx.sync, ctx.mask = lay, sync, mask
-        ctx.save_for_backward(X, R, None if W is R else W, weight, scale, inv, mean_c, counts)
+        ctx.save_for_backward(xc, R, None if W is R else W, weight, scale, inv, mean, counts)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        X, R, W, weight, scale, inv, mean_c, counts = ctx.saved_tensors
+        xc, R, W, weight, scale, inv, mean_c, counts = ctx.saved_tensors
         W = R if W is None else W
         lay, mask = ctx.lay, ctx.mask
-        gk = lay.moments(W, gy)
-        gx = gy * X
+        X, G = lay.view(xc), lay.view(gy)
+        gk = lay.moments(W, G)
+        gx4 = torch.mul(gy, xc, out=torch.empty_like(xc))  # xc's layout, so lay.view(gx4) is a view
+        gx = lay.view(gx4)
         gdiff = lay.moments(W, gx) - mean_c * gk
         dweight = (gdiff * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = gk.to(weight.dtype) if ctx.needs_input_grad[2] else None
@@ -533,8 +580,9 @@ class _CompoundNormFn(torch.autograd.Function):
                 zero = torch.zeros_like(gk)
                 u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / counts, zero)
                 v = torch.where(mask, -scale * gk / counts, zero) - u * mean_c
-            dx = lay.mix_grad(W, R, scale, u, v, gy, X, out=gx)
-        return dx, dweight, dbias, None, None, None, None, None, None
+            lay.mix_grad(W, R, scale, u, v, G, X, out=gx)
+            dx = gx4
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def _check_int(name: str, value) -> None:

@@ -56,7 +56,8 @@ SCHEMA: Dict[str, Tuple[Any, str]] = {
     'normalize': ('dataset', "'dataset' (mean/std of the training split) or 'model' (the model's pretrained cfg)"),
     'num_workers': (0, 'DataLoader workers'),
     # model
-    'model': ('resnet32', 'timm model name (import lt_zoo registers the lt_zoo ones)'),
+    'model': (None, 'timm model name, required in stage 1 (import lt_zoo registers the lt_zoo ones); '
+                    'stage 2 uses the stage-1 architecture and a given name must match it'),
     'model_kwargs': ({}, 'extra model options, e.g. {num_components: 4} or {nbn_scope: all}'),
     # optimisation
     'epochs': (200, 'training epochs (GCL/LDAM CIFAR recipe: 200)'),
@@ -194,6 +195,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"{key} must be a list drawn from {valid}, got {cfg[key]!r}")
     if cfg['in_chans'] not in (None, 1, 3):
         raise ValueError(f"in_chans must be 1, 3 or null, got {cfg['in_chans']!r}")
+    if cfg['stop_after_epoch'] is not None and not cfg['save_checkpoints']:
+        raise ValueError('stop_after_epoch needs save_checkpoints: true, or the run could not be resumed')
     if cfg['stage'] != 'stage1' and not cfg['stage1_dir']:
         raise ValueError(f"stage {cfg['stage']!r} needs stage1_dir (a stage-1 run directory)")
     if cfg['resume'] is not None and cfg['overwrite']:

@@ -56,7 +56,7 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[Path]:
         ckpts = checkpoint_dirs(run_dir)
         return ckpts[-1] if ckpts else None
     path = Path(resume)
-    if not path.is_dir() or not (path / 'custom_checkpoint_0.pkl').exists() and not any(path.glob('model*.safetensors')):
+    if not path.is_dir() or not (path / TrainState.FILE).exists():
         raise FileNotFoundError(f"resume checkpoint {resume!r} is not an epoch checkpoint directory; "
                                 f"available: {[str(p) for p in checkpoint_dirs(run_dir)]}")
     return path
@@ -82,13 +82,15 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
 
 
 class TrainState:
-    """Epoch counter checkpointed with the Accelerate state (``register_for_checkpointing``)."""
+    """Epoch counter saved as ``trainer_state.json`` beside the Accelerate state (JSON, not a pickle)."""
+
+    FILE = 'trainer_state.json'
 
     def __init__(self):
         self.epoch = 0  # epochs completed
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {'epoch': self.epoch}
+    def save(self, ckpt_dir: Path) -> None:
+        (Path(ckpt_dir) / self.FILE).write_text(json.dumps({'epoch': self.epoch}))
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch = int(state['epoch'])
+    def load(self, ckpt_dir: Path) -> None:
+        self.epoch = int(json.loads((Path(ckpt_dir) / self.FILE).read_text())['epoch'])
