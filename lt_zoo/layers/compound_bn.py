@@ -12,7 +12,11 @@ every vector by each component, mixing the M branches with the posteriors (paper
 The E-step always uses the running (previously estimated) statistics, as the paper's Eq. 8 says.  All of
 it is a handful of (P x C)(C x M) products (METHODS.md §6b): l = X^2 W2 + X W1 + const, S1 = R^T X,
 S2 = R^T X^2, and the output is one per-vector scale and shift, y = X * (R A) + R B with
-A_k = gamma_k / s_k, B_k = beta_k - A_k mu_k.  No P x M x C tensor is formed.
+A_k = gamma_k / s_k, B_k = beta_k - A_k mu_k.  No P x M x C tensor is formed.  Squares are taken of
+x - s, s the running mixture mean (a constant), so that E[x^2] - E[x]^2 and the expanded quadratic of
+the E-step do not cancel catastrophically when |mean| >> std (e.g. BN layers converted from a trained
+network).  The default path is one autograd.Function with a BN-style analytic backward (the
+responsibilities are constants there); ``responsibility_grad=True`` uses plain autograd instead.
 
 Split path (paper §3.3, METHODS.md §6a): inside ``with split_norm(model, targets, num_classes):`` every
 CBN layer in train mode normalises the features of images whose class is in group
@@ -25,7 +29,6 @@ buffers whatever the module dtype; statistics are computed in fp32 (fp64 for fp6
 off, and the output has the input dtype.
 """
 import contextlib
-import math
 from typing import Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -42,6 +45,7 @@ TRAIN_STATS = ('batch', 'running')
 COMBINES = ('posterior', 'mn')
 # Fixed seed of the symmetry-breaking directions: a layer's init never depends on the global RNG.
 _SYMMETRY_SEED = 20220000
+_EM_BUFFERS = ('running_prior', 'running_mean', 'running_var')
 # A component needs more than one (soft) vector for a variance: below this it is "inactive" this batch.
 _MIN_COUNT = 1.0
 
@@ -91,7 +95,8 @@ class CompoundBatchNorm2d(nn.Module):
             beta = 0 and running means perturbation * d_k, d_k from :func:`symmetry_directions`
             (unit RMS, centred over k): with identical components every r_pk = 1/M and EM never
             separates them (METHODS.md §6).  The split path also diversifies them.
-        device, dtype: of the affine parameters (timm passes both); buffers are always fp32.
+        device, dtype: of the affine parameters (timm passes both).  The EM buffers are fp32 (fp64 after
+            ``.double()``); ``.half()`` / ``.to(torch.bfloat16)`` leave them fp32.
 
     Parameters: weight (M, C) = gamma_k, bias (M, C) = beta_k.  Buffers: running_prior (M,),
     running_mean (M, C), running_var (M, C), num_batches_tracked.
@@ -99,10 +104,15 @@ class CompoundBatchNorm2d(nn.Module):
     Shapes: (N, C, H, W) -> (N, C, H, W) in the input dtype and memory format; channels_last input is
     used as a free (P, C) view.  Training needs more than one vector (ValueError, like torch BN).
 
+    Split path: inside :func:`split_norm` the layer (in train mode) normalises each image with the
+    component of its class group instead (see there); ``responsibility_grad`` does not apply to it.
+
     Robustness: a component with N_k <= 1 in a batch (empty, or a single vector) has no usable batch
     variance: it is normalised with its running statistics and its running mean/variance are not
-    updated (its prior still moves towards N_k / P).  Batch variances are clamped at 0; the E-step uses
-    log-sum-exp in fp32 and floors the running variance at eps and the prior at the smallest normal.
+    updated (its prior still moves towards N_k / P).  Batch variances are clamped at 0; the E-step is a
+    max-subtracted softmax of log-densities in fp32 (never exp of a sum of C terms) with the running
+    variance floored at eps and the prior at the smallest normal float; posteriors below 1e-30 are set
+    to 0 (they are irrelevant, and subnormal floats are slow on CPUs).
     The running variance gets the N_k / (N_k - 1) correction of torch BN, so M = 1 equals BatchNorm2d.
 
     Distributed: under an initialised torch.distributed with world size > 1, training forwards
@@ -178,6 +188,16 @@ class CompoundBatchNorm2d(nn.Module):
             d = symmetry_directions(self.num_components, self.num_features)
             self.running_mean.copy_(self.perturbation * d)
             self.num_batches_tracked.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Module.to/half/bfloat16 move the EM state but never lower it below fp32 (values kept exactly)."""
+        saved = {k: self._buffers[k] for k in _EM_BUFFERS}
+        super()._apply(fn, recurse)
+        for k, old in saved.items():
+            new = self._buffers[k]
+            if new is not None and new.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[k] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -291,6 +311,8 @@ class CompoundBatchNorm2d(nn.Module):
         const = (run.prior.clamp_min(torch.finfo(var.dtype).tiny).log()
                  - 0.5 * (var.log().sum(1) + (mean_s * w1).sum(1)) + w1 @ (run.origin - run.shift))
         t = self._temperature()
+        if t == 1.0:
+            return w1, ivar * -0.5, const
         return w1 / t, ivar * (-0.5 / t), const / t
 
     def _m_step(self, lay: '_Layout', R, X, X2, run: '_Running', sync: bool, autograd: bool):
@@ -318,8 +340,7 @@ class CompoundBatchNorm2d(nn.Module):
         bmean = s1 / safe
         offset = bmean + (run.origin - run.shift)  # batch mean relative to s
         bvar = (s2 / safe - offset * offset).clamp_min(0)
-        if self.momentum > 0:
-            self._update_running(raw, active, bmean.detach() + run.origin, bvar.detach(), not lay.split)
+        self._update_running(raw, active, bmean.detach() + run.origin, bvar.detach(), not lay.split)
         mean_o = run.mean - run.origin
         if self.train_stats == 'running':
             return mean_o, run.var, run.prior, safe, None
@@ -455,10 +476,11 @@ class _Layout:
     def responsibilities(self, X, X2, w1, w2, const, inplace: bool) -> torch.Tensor:
         """softmax_k(X^2 w2_k + X w1_k + const_k)."""
         if self.cl:
-            logits = (w1 @ self._flat(X).t()).addmm_(w2, self._flat(X2).t())
+            logits = torch.addmm(const.view(-1, 1), w1, self._flat(X).t()).addmm_(w2, self._flat(X2).t())
         else:
-            logits = torch.matmul(w1, X).baddbmm_(w2.expand(self.n, -1, -1), X2)
-        R = torch.softmax(logits.add_(self.per_component(const)), self.comp_dim)
+            logits = torch.baddbmm(const.view(1, -1, 1), w1.expand(self.n, -1, -1), X)
+            logits = logits.baddbmm_(w2.expand(self.n, -1, -1), X2)
+        R = torch.softmax(logits, self.comp_dim)
         return F.threshold_(R, _R_FLOOR, 0.0) if inplace else R
 
     def counts(self, R: torch.Tensor) -> torch.Tensor:
@@ -513,13 +535,12 @@ class _Layout:
             out.baddbmm_(B.t().expand(self.n, -1, -1), W)
         return out
 
-    def mix(self, W, A, B, X, out: Optional[torch.Tensor]) -> torch.Tensor:
-        """X * (W A) + W B, written into ``out`` when given (it may be X itself on the split path)."""
+    def mix(self, W, A, B, X, out: torch.Tensor) -> torch.Tensor:
+        """X * (W A) + W B, written into ``out`` (X layout, contiguous)."""
         if self.split:
             c = self.c
             coef = W @ torch.cat([A, B], 1)
-            return torch.addcmul(self.part(coef, c, 2 * c), X, self.part(coef, 0, c),
-                                 **({} if out is None else {'out': out}))
+            return torch.addcmul(self.part(coef, c, 2 * c), X, self.part(coef, 0, c), out=out)
         return self._add_expanded(self._scaled(W, A, X, out), W, B)
 
     def mix_grad(self, W, R, A, U, V, G, X, out: torch.Tensor) -> torch.Tensor:
@@ -603,8 +624,8 @@ def split_norm(model: nn.Module, targets: torch.Tensor, num_classes: int) -> Ite
     Nested blocks restore the outer targets on exit.
     """
     if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype != torch.int64:
-        raise TypeError(f"targets must be a 1-D int64 tensor, got "
-                        f"{type(targets).__name__ if not isinstance(targets, torch.Tensor) else (targets.dtype, tuple(targets.shape))}")
+        got = (targets.dtype, tuple(targets.shape)) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be a 1-D int64 tensor, got {got}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
@@ -639,8 +660,10 @@ def convert_bn_to_cbn(model: nn.Module, num_components: int = 4, perturbation: f
     means mu_bn + perturbation * std_bn * d_k (0.01 std: small enough that the eval outputs barely move,
     non-zero so that EM can separate the components), variances var_bn, uniform prior.  With
     perturbation 0 all components are the BN and the eval outputs are the BN network's.  BatchNorm1d/3d
-    are left alone; a BN subclass with its own forward raises TypeError.  Returns ``model`` (converted
-    in place; a bare BN module is returned converted).  ``options`` go to every CBN (see CBN_OPTIONS).
+    are left alone; a BN subclass with its own forward raises TypeError; a BN without running
+    statistics (track_running_stats=False) gets the default CBN running state.  Converts in place and
+    returns ``model`` (a bare BN module is returned converted).  ``options`` go to every CBN (see
+    CBN_OPTIONS).
     """
     if _is_plain_bn2d(model):
         return CompoundBatchNorm2d.from_bn(model, num_components, perturbation, **options).train(model.training)
