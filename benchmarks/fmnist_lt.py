@@ -43,7 +43,7 @@ DEFAULT = ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'nbn', 'cbn',
 
 
 def run_method(method, args, log_dir):
-    cmd = [sys.executable, 'train/train.py', '--config', str(CONFIGS / f'{method}.yaml'),
+    cmd = [sys.executable, 'train/train.py', '--config', str((CONFIGS / f'{method}.yaml').relative_to(ROOT)),
            '--output_dir', f'{args.runs}/{method}', '--overwrite', '--progress', 'false',
            '--eval_every', str(args.eval_every)]
     if args.epochs is not None and METHODS[method][1] is None:
