@@ -367,6 +367,13 @@ def test_stage1_class_count_must_match_data(guarded_dir, tmp_path):
                    r"has num_classes=5, but this run's data needs num_classes=10", guarded_dir)
 
 
+def test_stage1_architecture_must_match_a_given_model(guarded_dir, tmp_path):
+    plain = _export_untrained(tmp_path, 'resnet32', num_classes=10, in_chans=1)
+    assert_refused(argv_for('crt', guarded_dir, stage1_dir=plain) + ['--overwrite', '--model', 'resnet32_nbn'],
+                   ValueError, r"config model 'resnet32_nbn' does not match the stage-1 architecture 'resnet32'",
+                   guarded_dir)
+
+
 @pytest.mark.parametrize('method', ['lws', 'tau_norm'])
 def test_weight_rescaling_refuses_cosine_head(method, guarded_dir, tmp_path):
     cosine = _export_untrained(tmp_path, 'resnet32_gcl', num_classes=10, in_chans=1)
