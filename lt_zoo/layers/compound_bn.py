@@ -274,11 +274,12 @@ class CompoundBatchNorm2d(nn.Module):
                 y = self._forward_autograd(xc, run, lay, sync)
             else:
                 y = _CompoundNormFn.apply(xc, self.weight, self.bias, self, run, lay, sync, groups)
-        else:  # no graph: raw coordinates and one pass for (x - s)^2, which becomes the output buffer
-            xr, cl = _standard_layout(x.to(cdt))
-            sq = F.mse_loss(xr, s4.expand_as(xr), reduction='none')
+        else:  # no graph: the same x - s coordinates (raw ones lose digits to cancellation when |mean| >> std);
+            # (x - s)^2 becomes the output buffer
+            xr, cl = _standard_layout(torch.sub(x, s4))
+            sq = xr * xr
             lay = _Layout(cl, groups is not None, n, c, h, w)
-            run = _Running(prior, mean, var, shift, torch.zeros_like(shift))
+            run = _Running(prior, mean, var, shift, shift)
             y = self._forward_fused(xr, sq, self.weight, self.bias, run, lay, sync, groups)[0]
         return y.to(x.dtype)
 
