@@ -6,6 +6,7 @@ the epochs of ``fmnist_lt/_base.yaml`` for every stage-1 method), then writes a 
 
     benchmarks/results/fmnist_lt.json   per method: top-1, balanced accuracy, many/medium/few, ECE, wall time
     benchmarks/results/fmnist_lt.md     the same as a markdown table, plus the gap closed vs CE
+    benchmarks/results/fmnist_lt_runs/<method>/   each run's eval.json, config.yaml, metrics.jsonl, config.json
 
     python benchmarks/fmnist_lt.py [--methods ce balanced_softmax ...] [--jobs 2] [--epochs N]
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +117,12 @@ def write_report(args):
                 python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
                 jobs=args.jobs, threads_per_job=args.threads, command=' '.join(['python'] + sys.argv))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    for m in args.methods:  # the runs' own records, so every published number has a committed source
+        keep = RESULTS / 'fmnist_lt_runs' / m
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in ('eval.json', 'config.yaml', 'metrics.jsonl', 'config.json'):
+            if (ROOT / args.runs / m / name).exists():  # stages without epochs (fsa, tau_norm) log no metrics
+                shutil.copyfile(ROOT / args.runs / m / name, keep / name)
     (RESULTS / 'fmnist_lt.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
     lines = ['# Fashion-MNIST-LT benchmark', '',

@@ -24,9 +24,8 @@ from lt_zoo.training.config import load_config  # noqa: E402
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'digits', 'cbn.yaml')
 
 
-def test_logits(model, cfg):
-    """Logits of ``model`` on the digits test split, preprocessed from the model's own timm data config."""
-    data_cfg = timm.data.resolve_model_data_config(model)
+def test_logits(model, data_cfg, cfg):
+    """Logits of ``model`` on the digits test split, preprocessed as timm's data config ``data_cfg`` says."""
     in_chans, size = data_cfg['input_size'][0], data_cfg['input_size'][1]
     splits = ltdata.load_splits(cfg['dataset'])
     tf = ltdata.create_transform('eval', input_size=size, in_chans=in_chans, mean=data_cfg['mean'],
@@ -52,7 +51,9 @@ def main(argv=None):
     reloaded = timm.create_model('local-dir:' + os.path.abspath(run_dir), pretrained=True)
     print(f"\nreloaded {reloaded.pretrained_cfg['architecture']} from {run_dir}/model.safetensors "
           f"via timm.create_model('local-dir:...')")
-    a, b = test_logits(model, cfg), test_logits(reloaded, cfg)
+    # preprocessing from the exported config.json alone, as a user of the checkpoint would do it
+    data_cfg = timm.data.resolve_model_data_config(reloaded)
+    a, b = test_logits(model, data_cfg, cfg), test_logits(reloaded, data_cfg, cfg)
     same = int((a.argmax(1) == b.argmax(1)).sum())
     diff = float((a - b).abs().max())
     print(f'identical predictions: {same}/{len(a)} test images, max |logit difference| = {diff:.3g}')
