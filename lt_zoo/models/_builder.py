@@ -3,16 +3,19 @@
 Every lt_zoo architecture is ``<depth>[_nbn|_cbn][_gcl]``: the suffix picks the norm (plain BN,
 Normalized BN, Compound BN) and the head (linear, or the cosine classifier of GCL).
 """
+import inspect
 import sys
 from typing import Any, Callable, Dict, Iterable, Tuple
 
+import torch
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 
 from ..layers.cosine_classifier import CosineClassifier
 from ..layers.normalized_bn import NormalizedBatchNorm2d
 
-__all__ = ['HEADS', 'NORM_SUFFIX', 'HEAD_SUFFIX', 'model_name', 'create_head', 'setup_norms', 'register_variants']
+__all__ = ['HEADS', 'NORM_SUFFIX', 'HEAD_SUFFIX', 'BUILDER_KWARGS', 'model_name', 'create_head', 'setup_norms',
+           'register_variants', 'paper_cfg', 'check_stem']
 
 HEADS = ('linear', 'cosine')
 NORM_SUFFIX = {'bn': '', 'nbn': '_nbn', 'cbn': '_cbn'}
@@ -78,3 +81,31 @@ def register_variants(module_name: str, variants: Iterable[Tuple[str, Callable[.
         entrypoint.__module__ = module_name
         entrypoint.__doc__ = doc
         setattr(module, name, register_model(entrypoint))
+
+
+def paper_cfg(norm: str, head: str) -> Dict[str, Any]:
+    """paper_name / paper_ids of an architecture's pretrained cfg: the method its norm or head implements."""
+    if norm == 'cbn':
+        return dict(paper_name='Compound Batch Normalization for Long-tailed Image Classification',
+                    paper_ids='arXiv:2212.01007')
+    if norm == 'nbn':
+        return dict(paper_name='Normalizing Batch Normalization for Long-Tailed Recognition',
+                    paper_ids='arXiv:2501.03122')
+    if head == 'cosine':
+        return dict(paper_name='Long-tailed Visual Recognition via Gaussian Clouded Logit Adjustment',
+                    paper_ids='arXiv:2305.11733')
+    return dict(paper_name='Deep Residual Learning for Image Recognition', paper_ids='arXiv:1512.03385')
+
+
+# kwargs that timm's create_model / build_model_with_cfg consume themselves
+BUILDER_KWARGS = tuple(inspect.signature(build_model_with_cfg).parameters)[3:-1] + (
+    'features_only', 'out_indices', 'feature_cls')
+
+
+def check_stem(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Refuse a checkpoint whose stem expects a different number of input channels, with a clear error."""
+    w = state_dict.get('conv1.weight')
+    if w is not None and w.shape[1] != model.conv1.weight.shape[1]:
+        raise ValueError(f"checkpoint stem conv1 takes in_chans={w.shape[1]} but the model was built with "
+                         f"in_chans={model.conv1.weight.shape[1]}; pass in_chans={w.shape[1]}")
+    return state_dict

@@ -6,7 +6,6 @@ Registered names: ``resnet32``, ``resnet32_nbn``, ``resnet32_cbn``, each also wi
 (``_gcl`` suffix), and the same for the other depths.
 """
 import functools
-import inspect
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -17,7 +16,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
-from ._builder import HEADS, create_head, model_name, register_variants, setup_norms
+from ._builder import (BUILDER_KWARGS, HEADS, check_stem, create_head, model_name, paper_cfg,
+                       register_variants, setup_norms)
 from .pretrained_tags import with_pretrained_tags
 
 __all__ = ['CifarResNet', 'CIFAR_DEPTHS']
@@ -186,23 +186,10 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-def _paper(norm: str, head: str) -> Dict[str, Any]:
-    if norm == 'cbn':
-        return dict(paper_name='Compound Batch Normalization for Long-tailed Image Classification',
-                    paper_ids='arXiv:2212.01007')
-    if norm == 'nbn':
-        return dict(paper_name='Normalizing Batch Normalization for Long-Tailed Recognition',
-                    paper_ids='arXiv:2501.03122')
-    if head == 'cosine':
-        return dict(paper_name='Long-tailed Visual Recognition via Gaussian Clouded Logit Adjustment',
-                    paper_ids='arXiv:2305.11733')
-    return dict(paper_name='Deep Residual Learning for Image Recognition', paper_ids='arXiv:1512.03385')
-
-
 _VARIANTS = [(depth, norm, head) for depth in CIFAR_DEPTHS for norm in NORMS for head in HEADS]
 
 default_cfgs = generate_default_cfgs(with_pretrained_tags({
-    model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS
+    model_name(d, n, h): _cfg(**paper_cfg(n, h)) for d, n, h in _VARIANTS
 }))
 
 _MODEL_KWARGS = ('num_classes', 'in_chans', 'widths', 'shortcut', 'cosine_scale', 'global_pool', 'drop_rate',
@@ -212,9 +199,9 @@ _MODEL_KWARGS = ('num_classes', 'in_chans', 'widths', 'shortcut', 'cosine_scale'
 def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool = False, **kwargs) -> CifarResNet:
     norm_opts = split_norm_kwargs(norm, kwargs)
     builder_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _MODEL_KWARGS}
-    unknown = [k for k in builder_kwargs if k not in _BUILDER_KWARGS]
+    unknown = [k for k in builder_kwargs if k not in BUILDER_KWARGS]
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {variant}; valid: {sorted(_MODEL_KWARGS + _BUILDER_KWARGS)}"
+        raise ValueError(f"unknown option(s) {unknown} for {variant}; valid: {sorted(_MODEL_KWARGS + BUILDER_KWARGS)}"
                          f" plus the norm options of its norm '{norm}'")
     n = CIFAR_DEPTHS[depth]
     if builder_kwargs.get('features_only'):
@@ -223,23 +210,9 @@ def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool 
         CifarResNet, variant, pretrained,
         layers=(n, n, n), head=head, norm_layer=create_norm_layer(norm, **norm_opts),
         norm_setup=functools.partial(setup_norms, norm=norm, norm_opts=norm_opts, last_stage='layer3'),
-        pretrained_filter_fn=_check_stem,
+        pretrained_filter_fn=check_stem,
         **builder_kwargs, **kwargs)
     return model
-
-
-# kwargs that timm's create_model / build_model_with_cfg consume themselves
-_BUILDER_KWARGS = tuple(inspect.signature(build_model_with_cfg).parameters)[3:-1] + (
-    'features_only', 'out_indices', 'feature_cls')
-
-
-def _check_stem(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Refuse a checkpoint whose stem expects a different number of input channels, with a clear error."""
-    w = state_dict.get('conv1.weight')
-    if w is not None and w.shape[1] != model.conv1.weight.shape[1]:
-        raise ValueError(f"checkpoint stem conv1 takes in_chans={w.shape[1]} but the model was built with "
-                         f"in_chans={model.conv1.weight.shape[1]}; pass in_chans={w.shape[1]}")
-    return state_dict
 
 
 register_variants(__name__, [

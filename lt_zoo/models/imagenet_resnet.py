@@ -16,9 +16,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
-from ._builder import HEADS, create_head, model_name, register_variants, setup_norms
+from ._builder import (BUILDER_KWARGS, HEADS, check_stem, create_head, model_name, paper_cfg,
+                       register_variants, setup_norms)
 from .pretrained_tags import with_pretrained_tags
-from .cifar_resnet import _BUILDER_KWARGS, _paper, _check_stem
 
 __all__ = ['LtResNet', 'IMAGENET_DEPTHS']
 
@@ -74,7 +74,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 _VARIANTS = [(d, n, h) for d in IMAGENET_DEPTHS for n in NORMS for h in HEADS if (n, h) != ('bn', 'linear')]
 
 default_cfgs = generate_default_cfgs(with_pretrained_tags(
-    {model_name(d, n, h): _cfg(**_paper(n, h)) for d, n, h in _VARIANTS}))
+    {model_name(d, n, h): _cfg(**paper_cfg(n, h)) for d, n, h in _VARIANTS}))
 
 
 # timm ResNet's own keyword options (block/layers/norm_layer are set by the variant) plus the head's
@@ -87,7 +87,7 @@ def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool 
     if 'norm_layer' in kwargs:
         raise ValueError(f"{variant} sets its own norm layer ('{norm}'); use timm's plain resnet for a custom "
                          f"norm_layer")
-    valid = sorted(set(_MODEL_KWARGS + _BUILDER_KWARGS))
+    valid = sorted(set(_MODEL_KWARGS + BUILDER_KWARGS))
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {variant}; valid: {valid}"
@@ -95,7 +95,7 @@ def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool 
     block, layers = IMAGENET_DEPTHS[depth]
     model = build_model_with_cfg(
         LtResNet, variant, pretrained, block=block, layers=layers, head=head,
-        norm_layer=create_norm_layer(norm, **norm_opts), pretrained_filter_fn=_check_stem,
+        norm_layer=create_norm_layer(norm, **norm_opts), pretrained_filter_fn=check_stem,
         norm_setup=functools.partial(setup_norms, norm=norm, norm_opts=norm_opts, last_stage='layer4'), **kwargs)
     return model
 
