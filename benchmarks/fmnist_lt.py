@@ -1,148 +1,290 @@
 #!/usr/bin/env python
-"""Accuracy benchmark on Fashion-MNIST-LT (imbalance factor 100): every method, same budget and seed.
+"""Fashion-MNIST-LT benchmark: every method and the CBN ablation, several seeds, resumable.
 
-Runs ``train/train.py`` once per method with ``train/configs/fmnist_lt/<method>.yaml`` (ResNet-32 variants,
-the epochs of ``fmnist_lt/_base.yaml`` for every stage-1 method), then writes a results table:
+The protocol is ``train/configs/fmnist_lt/_base.yaml`` (exponential profile, imbalance factor 100, the
+fixed Cao et al. split with ``lt_seed: 0``; input size, epochs and schedule chosen so that CE and Balanced
+Softmax plateau, see ``docs/benchmark.md``).  A seed changes initialisation, augmentation and sampling
+(the ``seed`` key), never the long-tailed split.
 
-    benchmarks/results/fmnist_lt.json   per method: top-1, balanced accuracy, many/medium/few, ECE, wall time
-    benchmarks/results/fmnist_lt.md     the same as a markdown table, plus the gap closed vs CE
-    benchmarks/results/fmnist_lt_runs/<method>/   each run's eval.json, config.yaml, metrics.jsonl, config.json
+Every (run, seed) pair trains once.  A pair is skipped when its committed record
+``benchmarks/results/fmnist_lt_runs/<run>/seed<k>/eval.json`` exists and was made under the same
+protocol (the record stores a fingerprint of the resolved config); an interrupted pair resumes from the
+latest checkpoint of its run directory; stage-2 runs wait for their stage-1 run of the same seed.
 
-    python benchmarks/fmnist_lt.py [--methods ce balanced_softmax ...] [--jobs 2] [--epochs N]
+    python benchmarks/fmnist_lt.py                          # everything missing, 2 jobs x 1 thread
+    python benchmarks/fmnist_lt.py --tables cbn_ablation --seeds 0 1 2
+    python benchmarks/fmnist_lt.py --report_only            # rebuild the tables from the records
 
-``--jobs 2`` runs two trainings at a time (one thread each); stage-2 methods wait for their stage 1.
-Wall times are measured under that concurrency and say so in the table.  CE on a class-balanced subset
-of the same total size (``ce_balanced``) is the upper reference.
+Outputs: ``benchmarks/results/<table>.json`` and ``.md`` for the tables ``fmnist_lt`` (the method table)
+and ``cbn_ablation`` (shaped like Table 2 of Cheng et al., ACM MM'22, plus CBN's open design choices),
+and the per-run records (eval.json without the per-class lists' duplicates, config.yaml, metrics.jsonl).
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / 'train' / 'configs' / 'fmnist_lt'
-RESULTS = ROOT / 'benchmarks' / 'results'
-# method -> (label in the table, the stage-1 method it starts from)
-METHODS = {
-    'ce': ('CE', None),
-    'balanced_softmax': ('Balanced Softmax', None),
-    'logit_adjust': ('Logit-adjusted CE', None),
-    'ldam_drw': ('LDAM-DRW', None),
-    'gcl': ('GCL stage 1', None),
-    'gcl_crt': ('GCL + cRT (CBEN)', 'gcl'),
-    'nbn': ('NBN (CE)', None),
-    'cbn': ('CBN + dual path (BS)', None),
-    'fsa': ('FSA (phase II on CE)', 'ce'),
-    'ce_balanced': ('CE on a balanced subset (reference)', None),
+CONFIGS = Path('train/configs/fmnist_lt')
+RESULTS = Path('benchmarks/results')
+RECORDS = RESULTS / 'fmnist_lt_runs'
+RECORD_FILES = ('eval.json', 'config.yaml', 'metrics.jsonl')
+
+# run id -> (label, method config under train/configs/fmnist_lt, overrides, stage-1 run id or None).
+# Overrides are plain config keys (train/train.py --help).
+_AA = {'train_aug': 'strong'}  # the single-view AutoAugment baseline of CBN's Table 2
+RUNS = {
+    'ce': ('CE', 'ce.yaml', {}, None),
+    'balanced_softmax': ('Balanced Softmax', 'balanced_softmax.yaml', {}, None),
+    'logit_adjust': ('Logit-adjusted CE', 'logit_adjust.yaml', {}, None),
+    'ldam_drw': ('LDAM-DRW', 'ldam_drw.yaml', {}, None),
+    'gcl': ('GCL stage 1', 'gcl.yaml', {}, None),
+    'gcl_crt': ('GCL + cRT (CBEN)', 'gcl_crt.yaml', {}, 'gcl'),
+    'nbn': ('NBN (CE)', 'nbn.yaml', {}, None),
+    'fsa': ('FSA (phase II on CE)', 'fsa.yaml', {}, 'ce'),
+    'ce_balanced': ('CE on a balanced subset (reference)', 'ce_balanced.yaml', {}, None),
+    # CBN ablation, Table 2 of Cheng et al.: each row adds one part to the one above
+    'bs_aa': ('BS + AutoAugment', 'balanced_softmax.yaml', _AA, None),
+    'bs_aa_cbn': ('+ CBN', 'balanced_softmax.yaml', dict(_AA, model='resnet32_cbn'), None),
+    'bs_aa_cbn_sbn': ('+ split BN path (SBN)', 'cbn.yaml',
+                      dict(dual_cls_views=['strong'], consistency_weight=0.0), None),
+    'cbn': ('+ dual-path learning (DPL) = CBN', 'cbn.yaml', {}, None),
+    # CBN's open design choices, each on the layer alone (bs_aa_cbn) unless it concerns the dual path
+    'cbn_m1': ('CBN, M = 1 (equals BN: sanity row)', 'balanced_softmax.yaml',
+               dict(_AA, model='resnet32_cbn', model_kwargs={'num_components': 1}), None),
+    'cbn_m2': ('CBN, M = 2', 'balanced_softmax.yaml',
+               dict(_AA, model='resnet32_cbn', model_kwargs={'num_components': 2}), None),
+    'cbn_t_channels': ('CBN, temperature = C', 'balanced_softmax.yaml',
+                       dict(_AA, model='resnet32_cbn', model_kwargs={'temperature': 'channels'}), None),
+    'cbn_rgrad': ('CBN, gradient through the responsibilities', 'balanced_softmax.yaml',
+                  dict(_AA, model='resnet32_cbn', model_kwargs={'responsibility_grad': True}), None),
+    'cbn_running': ('CBN, running statistics in training', 'balanced_softmax.yaml',
+                    dict(_AA, model='resnet32_cbn', model_kwargs={'train_stats': 'running'}), None),
+    'cbn_dpl_once': ('CBN + DPL, running statistics updated once per step', 'cbn.yaml',
+                     {'dual_stat_updates': 'once'}, None),
 }
-DEFAULT = ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'nbn', 'cbn', 'fsa', 'ce_balanced']
+TABLES = {
+    'fmnist_lt': ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'nbn', 'cbn', 'fsa', 'ce_balanced'],
+    'cbn_ablation': ['balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
+                     'cbn_t_channels', 'cbn_rgrad', 'cbn_running', 'cbn_dpl_once'],
+}
+# Table ids of the CBN ablation rows, as the issue and the paper name them.
+ABLATION_IDS = {'balanced_softmax': 'bs', 'cbn': 'bs_aa_cbn_sbn_dpl'}
+# Keys that do not change what a run computes (where it writes, how it reports).
+_NOT_PROTOCOL = {'output_dir', 'overwrite', 'resume', 'progress', 'stop_after_epoch', 'log_with', 'stage1_dir',
+                 'save_checkpoints', 'keep_checkpoints', 'num_workers', 'command'}
 
 
-def run_method(method, args, log_dir):
-    cmd = [sys.executable, 'train/train.py', '--config', str((CONFIGS / f'{method}.yaml').relative_to(ROOT)),
-           '--output_dir', f'{args.runs}/{method}', '--overwrite', '--progress', 'false',
-           '--eval_every', str(args.eval_every)]
-    if args.epochs is not None and METHODS[method][1] is None:
-        cmd += ['--epochs', str(args.epochs)]
-    if METHODS[method][1] is not None:
-        cmd += ['--stage1_dir', f'{args.runs}/{METHODS[method][1]}']
+def run_dir(args, run, seed) -> Path:
+    return Path(args.runs) / run / f'seed{seed}'
+
+
+def record_dir(run, seed) -> Path:
+    return RECORDS / run / f'seed{seed}'
+
+
+def overrides_argv(overrides) -> list:
+    return [x for k, v in overrides.items() for x in (f'--{k}', json.dumps(v) if not isinstance(v, str) else v)]
+
+
+def resolved_config(run, seed, args) -> dict:
+    """The run's config as train/train.py resolves it (defaults, YAML bases, overrides)."""
+    from lt_zoo.training.config import load_config  # light import: argparse + yaml
+    cfg = load_config(command_argv(run, seed, args, for_fingerprint=True))
+    return cfg if isinstance(cfg, dict) else cfg.to_dict()
+
+
+def fingerprint(cfg: dict) -> str:
+    kept = {k: v for k, v in sorted(cfg.items()) if k not in _NOT_PROTOCOL}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def command_argv(run, seed, args, for_fingerprint=False) -> list:
+    label, config, overrides, stage1 = RUNS[run]
+    argv = ['--config', str(CONFIGS / config), '--seed', str(seed), '--progress', 'false',
+            '--output_dir', str(run_dir(args, run, seed))]
+    if stage1 is not None:
+        argv += ['--stage1_dir', str(run_dir(args, stage1, seed))]
+    if args.eval_every:
+        argv += ['--eval_every', str(args.eval_every)]
+    if args.compile:
+        argv += ['--compile', 'true']
+    return argv + overrides_argv(overrides)
+
+
+def is_recorded(run, seed, fp) -> bool:
+    path = ROOT / record_dir(run, seed) / 'eval.json'
+    return path.exists() and json.loads(path.read_text()).get('protocol_fingerprint') == fp
+
+
+def keep_record(args, run, seed, fp) -> None:
+    """Copy a finished run's small files into the committed records, stamped with the protocol fingerprint."""
+    src, dst = ROOT / run_dir(args, run, seed), ROOT / record_dir(run, seed)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, dst / name)
+    ev = json.loads((dst / 'eval.json').read_text())
+    ev['protocol_fingerprint'] = fp
+    (dst / 'eval.json').write_text(json.dumps(ev, indent=1))
+
+
+def train_one(args, run, seed, fp, log_dir) -> None:
+    out = ROOT / run_dir(args, run, seed)
+    argv = command_argv(run, seed, args)
+    if (out / 'eval.json').exists():
+        keep_record(args, run, seed, fp)
+        return
+    if (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('epoch_*')):
+        argv += ['--resume', 'latest']
+    elif out.exists():
+        argv += ['--overwrite', 'true']  # started but never checkpointed: nothing to keep
+    cmd = [sys.executable, 'train/train.py'] + argv
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.time()
-    with open(log_dir / f'{method}.log', 'w') as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    print(f'{method}: exit {rc} after {time.time() - start:.0f} s ({" ".join(cmd[1:])})', flush=True)
+    log = log_dir / f'{run}_seed{seed}.log'
+    with open(log, 'a') as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    took = time.time() - start
     if rc != 0:
-        raise RuntimeError(f'{method} failed; see {log_dir / (method + ".log")}')
-    return method
+        raise RuntimeError(f'{run} seed {seed} failed (exit {rc}) after {took:.0f} s; see {log}')
+    keep_record(args, run, seed, fp)
+    print(f'{run} seed {seed}: done in {took:.0f} s', flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--methods', nargs='+', default=DEFAULT, choices=sorted(METHODS))
-    ap.add_argument('--jobs', type=int, default=2, help='trainings run at the same time')
-    ap.add_argument('--threads', type=int, default=1, help='torch threads per training')
-    ap.add_argument('--epochs', type=int, default=None, help='override the stage-1 epochs of every method')
-    ap.add_argument('--eval_every', type=int, default=4)
-    ap.add_argument('--runs', default='runs/fmnist_lt', help='parent of the run directories')
-    ap.add_argument('--report_only', action='store_true', help='only rebuild the table from existing runs')
-    args = ap.parse_args()
+def schedule(args, pairs, fps):
+    """Run the missing (run, seed) pairs, longest first; stage-2 pairs after their stage 1."""
     log_dir = ROOT / args.runs / 'logs'
     log_dir.mkdir(parents=True, exist_ok=True)
+    done = {p: threading.Event() for p in pairs}
+    failed = []
 
-    if not args.report_only:
-        first = [m for m in args.methods if METHODS[m][1] is None]
-        second = [m for m in args.methods if METHODS[m][1] is not None]
-        # the dual-path CBN run is the longest (four passes per step): start it first; then the stage-1
-        # runs that stage-2 methods need, so their dependants can start early
-        first.sort(key=lambda m: (m != 'cbn', m not in {METHODS[s][1] for s in second}))
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {m: pool.submit(run_method, m, args, log_dir) for m in first}
-            later = []
-            for m in second:
-                dep = futures.get(METHODS[m][1])
-                if dep is not None:
-                    later.append(pool.submit(lambda m=m, dep=dep: (dep.result(), run_method(m, args, log_dir))))
-                else:
-                    later.append(pool.submit(run_method, m, args, log_dir))
-            for f in list(futures.values()) + later:
-                f.result()
-    write_report(args)
+    def work(pair):
+        run, seed = pair
+        stage1 = RUNS[run][3]
+        if stage1 is not None and (stage1, seed) in done:
+            done[(stage1, seed)].wait()
+            if (stage1, seed) in failed:
+                failed.append(pair)
+                done[pair].set()
+                return
+        try:
+            train_one(args, run, seed, fps[pair], log_dir)
+        except Exception as err:  # keep the other runs going; report at the end
+            print(err, flush=True)
+            failed.append(pair)
+        done[pair].set()
+
+    cost = lambda p: (RUNS[p[0]][3] is not None, -('cbn' in p[0]), -('dpl' in p[0] or p[0] == 'cbn'), p[1])
+    order = sorted(pairs, key=lambda p: (p[1], cost(p)))  # seed by seed, so a table fills up evenly
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(work, order))
+    return failed
 
 
-def write_report(args):
-    rows = []
-    for m in args.methods:
-        path = ROOT / args.runs / m / 'eval.json'
-        if not path.exists():
-            raise FileNotFoundError(f'{path} is missing: run the benchmark for {m!r} first')
-        ev = json.loads(path.read_text())
-        rows.append(dict(method=m, label=METHODS[m][0], top1=ev['top1'], balanced_acc=ev['balanced_acc'],
-                         many=ev['many'], medium=ev['medium'], few=ev['few'], ece=ev['ece'],
-                         wall_time_s=ev['wall_time_s'], command=ev['command'], train_images=ev['train_images'],
-                         indices_hash=ev['long_tail'].get('indices_hash')))
-    by = {r['method']: r for r in rows}
-    gap = None
-    if 'ce' in by and 'ce_balanced' in by:
-        lo, hi = by['ce']['balanced_acc'], by['ce_balanced']['balanced_acc']
+def summarise(run, seeds) -> dict:
+    evs = []
+    for s in seeds:
+        path = ROOT / record_dir(run, s) / 'eval.json'
+        if path.exists():
+            evs.append((s, json.loads(path.read_text())))
+    mean = lambda xs: statistics.fmean(xs) if xs else None
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else None
+    groups = {g: [e[g] for _, e in evs if e.get(g) is not None] for g in ('many', 'medium', 'few', 'top1', 'ece')}
+    bal = [e['balanced_acc'] for _, e in evs]
+    return dict(method=run, label=RUNS[run][0], seeds=[s for s, _ in evs], balanced_acc_per_seed=bal,
+                mean=mean(bal), std=sd(bal), **{g: mean(v) for g, v in groups.items()},
+                wall_time_s=mean([e.get('wall_time_s') for _, e in evs if e.get('wall_time_s') is not None]),
+                command=('python train/train.py ' + ' '.join(command_argv_for_report(run))))
+
+
+def command_argv_for_report(run):
+    label, config, overrides, stage1 = RUNS[run]
+    argv = ['--config', str(CONFIGS / config), '--seed', 'K']
+    if stage1 is not None:
+        argv += ['--stage1_dir', f'<{stage1} run, seed K>']
+    return argv + overrides_argv(overrides)
+
+
+def write_table(table, seeds, args, fp_meta):
+    rows = [summarise(r, seeds) for r in TABLES[table]]
+    if table == 'cbn_ablation':
         for r in rows:
-            r['gap_closed'] = (r['balanced_acc'] - lo) / (hi - lo) if hi > lo else None
-        gap = hi - lo
-    meta = dict(dataset='Fashion-MNIST-LT (exp profile, imbalance factor 100, Cao et al. selection, seed 0)',
-                python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
-                jobs=args.jobs, threads_per_job=args.threads, command=' '.join(['python'] + sys.argv))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for m in args.methods:  # the runs' own records, so every published number has a committed source
-        keep = RESULTS / 'fmnist_lt_runs' / m
-        keep.mkdir(parents=True, exist_ok=True)
-        for name in ('eval.json', 'config.yaml', 'metrics.jsonl', 'config.json'):
-            if (ROOT / args.runs / m / name).exists():  # stages without epochs (fsa, tau_norm) log no metrics
-                shutil.copyfile(ROOT / args.runs / m / name, keep / name)
-    (RESULTS / 'fmnist_lt.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+            r['method'] = ABLATION_IDS.get(r['method'], r['method'])
+    by = {r['method']: r for r in rows}
+    if table == 'fmnist_lt' and by.get('ce', {}).get('mean') is not None and by.get('ce_balanced', {}).get('mean'):
+        lo, hi = by['ce']['mean'], by['ce_balanced']['mean']
+        for r in rows:
+            r['gap_closed'] = None if r['mean'] is None or hi <= lo else (r['mean'] - lo) / (hi - lo)
+    meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', **fp_meta, python=platform.python_version(),
+                machine=platform.machine(), cpu_count=os.cpu_count(), jobs=args.jobs, threads_per_job=args.threads,
+                command='python benchmarks/fmnist_lt.py ' + ' '.join(sys.argv[1:]))
+    (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
-    lines = ['# Fashion-MNIST-LT benchmark', '',
-             f"{meta['dataset']}; ResNet-32 variants; balanced 10,000-image test set. "
-             f"Produced by `{meta['command']}` on {meta['cpu_count']} CPU cores "
-             f"({meta['jobs']} runs at a time, {meta['threads_per_job']} thread(s) each).", '',
-             '| method | top-1 | balanced acc | many | medium | few | ECE | gap closed | wall time (s) |',
-             '|---|---|---|---|---|---|---|---|---|']
+    pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+                                                 if r['std'] is not None else f"{100 * r['mean']:.2f}")
+    title = {'fmnist_lt': 'Fashion-MNIST-LT (IF 100): every method',
+             'cbn_ablation': 'Fashion-MNIST-LT (IF 100): CBN ablation (shaped like Cheng et al. Table 2)'}[table]
+    lines = [f'# {title}', '',
+             f"Protocol: `{meta['protocol']}`; balanced accuracy (%) on the balanced 10,000-image test set, mean ± "
+             f"sample std over seeds; many/medium/few are seed means. Produced by `{meta['command']}` on "
+             f"{meta['cpu_count']} CPU cores ({meta['jobs']} runs at a time, {meta['threads_per_job']} thread(s) each).",
+             '', '| id | row | seeds | balanced acc | per seed | many | medium | few | ECE |'
+             + (' gap closed |' if table == 'fmnist_lt' else ''),
+             '|---|---|---|---|---|---|---|---|---|' + ('---|' if table == 'fmnist_lt' else '')]
     for r in rows:
-        gc = r.get('gap_closed')
-        lines.append(f"| {r['label']} | {pct(r['top1'])} | {pct(r['balanced_acc'])} | {pct(r['many'])} | "
-                     f"{pct(r['medium'])} | {pct(r['few'])} | {pct(r['ece'])} | "
-                     f"{'-' if gc is None else f'{100 * gc:.0f}%'} | {r['wall_time_s']:.0f} |")
-    if gap is not None:
-        lines += ['', f"Gap closed = (balanced acc - CE) / (CE on the balanced subset - CE); the gap is "
-                      f"{100 * gap:.2f} points of balanced accuracy."]
-    lines += ['', 'Commands (from each run\'s eval.json):', '']
-    lines += [f"- {r['label']}: `{r['command']}`" for r in rows]
-    (RESULTS / 'fmnist_lt.md').write_text('\n'.join(lines) + '\n')
+        line = (f"| `{r['method']}` | {r['label']} | {len(r['seeds'])} | {pm(r)} | "
+                f"{', '.join(pct(v) for v in r['balanced_acc_per_seed']) or '-'} | {pct(r['many'])} | "
+                f"{pct(r['medium'])} | {pct(r['few'])} | {pct(r['ece'])} |")
+        if table == 'fmnist_lt':
+            gc = r.get('gap_closed')
+            line += f" {'-' if gc is None else f'{100 * gc:.0f}%'} |"
+        lines.append(line)
+    lines += ['', 'Rows (each seed K = 0, 1, 2 replaces `K`):', '']
+    lines += [f"- `{r['method']}`: `{r['command']}`" for r in rows]
+    (ROOT / RESULTS / f'{table}.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--tables', nargs='+', default=sorted(TABLES), choices=sorted(TABLES))
+    ap.add_argument('--runs_only', nargs='+', default=None, choices=sorted(RUNS), help='only these run ids')
+    ap.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    ap.add_argument('--jobs', type=int, default=2, help='trainings at the same time')
+    ap.add_argument('--threads', type=int, default=1, help='torch threads per training')
+    ap.add_argument('--eval_every', type=int, default=None, help='override eval_every of the protocol')
+    ap.add_argument('--compile', action='store_true', help='train with compile: true')
+    ap.add_argument('--runs', default='runs/bench', help='parent of the run directories (not committed)')
+    ap.add_argument('--report_only', action='store_true', help='only rebuild the tables from the records')
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    runs = [r for t in args.tables for r in TABLES[t]]
+    runs = list(dict.fromkeys(r for r in runs if args.runs_only is None or r in args.runs_only))
+    for r in list(runs):  # a stage-2 run needs its stage 1
+        if RUNS[r][3] is not None and RUNS[r][3] not in runs:
+            runs.insert(0, RUNS[r][3])
+    pairs = [(r, s) for s in args.seeds for r in runs]
+    fps = {p: fingerprint(resolved_config(*p, args)) for p in pairs}
+    if not args.report_only:
+        todo = [p for p in pairs if not is_recorded(*p, fps[p])]
+        print(f'{len(pairs) - len(todo)} of {len(pairs)} (run, seed) pairs already recorded; {len(todo)} to train',
+              flush=True)
+        failed = schedule(args, todo, fps)
+        if failed:
+            print(f'failed: {failed}', flush=True)
+    for t in args.tables:
+        write_table(t, args.seeds, args, {})
 
 
 if __name__ == '__main__':

@@ -12,30 +12,37 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from timm.models import save_for_hf
 
-from .layers.create_norm import NORMS, norm_options
-from .layers.normalized_bn import NormalizedBatchNorm2d, fold_nbn
+from .layers.create_norm import NORM_TABLE, NORMS
 from .models._builder import HEADS, model_name
 from .models.cifar_resnet import CIFAR_DEPTHS
 from .models.imagenet_resnet import IMAGENET_DEPTHS
 
 __all__ = ['export_model', 'load_exported', 'read_export_config', 'plain_architecture', 'fold_nbn_for_export',
-           'WEIGHTS_NAME', 'CONFIG_NAME']
+           'ExportError', 'WEIGHTS_NAME', 'CONFIG_NAME']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 
+
+class ExportError(ValueError):
+    """An exported folder whose config.json or model.safetensors cannot be read (truncated, corrupt)."""
+
+
 # lt_zoo name -> (depth, norm, head)
 _ARCHS = {model_name(d, n, h): (d, n, h) for d in (*CIFAR_DEPTHS, *IMAGENET_DEPTHS) for n in NORMS for h in HEADS}
+# norms that export can fold into plain BN (the norm table's ``fold``): NBN
+_FOLDABLE = tuple(n for n, spec in NORM_TABLE.items() if spec.fold is not None)
 
 
 def plain_architecture(architecture: str) -> str:
     """The plain-BN counterpart of an NBN architecture: timm's own ``resnet50`` for ImageNet depths with a
     linear head, else the lt_zoo BN name (``resnet32_nbn`` -> ``resnet32``, ``resnet50_nbn_gcl`` -> ``resnet50_gcl``).
     """
-    if architecture not in _ARCHS or _ARCHS[architecture][1] != 'nbn':
-        nbn = sorted(a for a, (_, n, _h) in _ARCHS.items() if n == 'nbn')
+    if architecture not in _ARCHS or _ARCHS[architecture][1] not in _FOLDABLE:
+        nbn = sorted(a for a, (_, n, _h) in _ARCHS.items() if n in _FOLDABLE)
         raise ValueError(f"--fold-nbn needs an NBN architecture (one of {nbn}); got {architecture!r}")
     depth, _, head = _ARCHS[architecture]
     return model_name(depth, 'bn', head)
@@ -49,12 +56,13 @@ def fold_nbn_for_export(model: torch.nn.Module) -> torch.nn.Module:
     """
     arch = model.pretrained_cfg['architecture']
     plain = plain_architecture(arch)
-    if not any(isinstance(m, NormalizedBatchNorm2d) for m in model.modules()):
-        raise ValueError(f"--fold-nbn: the {arch} model has no NormalizedBatchNorm2d layer to fold")
-    fold_nbn(model)
+    spec = NORM_TABLE[_ARCHS[arch][1]]
+    if not any(isinstance(m, spec.layer) for m in model.modules()):
+        raise ValueError(f"--fold-nbn: the {arch} model has no {spec.layer.__name__} layer to fold")
+    spec.fold(model)
     model.pretrained_cfg = {**model.pretrained_cfg, 'architecture': plain}
     model.default_cfg = model.pretrained_cfg
-    drop = set(norm_options('nbn'))
+    drop = set(spec.options)
     model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in drop}
     return model
 
@@ -101,15 +109,29 @@ def read_export_config(folder: str) -> Dict[str, Any]:
                   os.path.isfile(os.path.join(folder, n))]
         extra = f"; found pickle checkpoint(s) {others}, which lt_zoo refuses to unpickle" if others else ''
         raise FileNotFoundError(f"{folder!r} is not an exported lt_zoo/timm model: missing {missing}{extra}")
-    with open(os.path.join(folder, CONFIG_NAME)) as f:
-        cfg = json.load(f)
-    if 'architecture' not in cfg:
+    try:
+        with open(os.path.join(folder, CONFIG_NAME)) as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{os.path.join(folder, CONFIG_NAME)} is not valid JSON ({e}): truncated or corrupt; "
+                          f"export the model again") from None
+    if not isinstance(cfg, dict) or 'architecture' not in cfg:
         raise ValueError(f"{folder}/config.json has no 'architecture' key; it is not a timm model config")
     return cfg
 
 
 def load_exported(folder: str, **kwargs) -> nn.Module:
-    """Create the model of an exported folder with its weights (timm ``local-dir:`` loading)."""
+    """Create the model of an exported folder with its weights (timm ``local-dir:`` loading).
+
+    Raises ExportError naming the file when config.json or model.safetensors is truncated or corrupt.
+    """
     import timm
     read_export_config(folder)
+    weights = os.path.join(str(folder), WEIGHTS_NAME)
+    try:  # safetensors checks the header against the file size: a truncated file fails here, not inside timm
+        with safe_open(weights, framework='pt') as f:
+            f.keys()
+    except Exception as e:  # SafetensorError, or a header that is not valid JSON/UTF-8
+        raise ExportError(f"{weights} is not a readable safetensors file ({e}): truncated or corrupt; "
+                          f"export the model again") from None
     return timm.create_model('local-dir:' + os.path.abspath(folder), pretrained=True, **kwargs)

@@ -15,7 +15,7 @@ Everything here works on cached feature maps, so phase II needs no forward pass 
         logits = model.forward_head(feats)                # GAP -> FC, only the FC trains
 
 Options and their sources: tau_s=0.8 / tau_g=0.2 are NOT given in the paper; they come from the
-unofficial SSRSGJYD implementation (METHODS.md §5). head_ratio=0.9: paper §5.4, all CIFAR runs.
+unofficial SSRSGJYD implementation (docs/fsa.md). head_ratio=0.9: paper §5.4, all CIFAR runs.
 num_confusing=N_f=N_a=3 and num_tail=N_t=16 (batch 128): paper §5.1. num_batches=6400: paper §5.1,
 CIFAR phase II (200 for iNaturalist).
 """
@@ -112,7 +112,7 @@ def split_features(features: torch.Tensor, cam: torch.Tensor, tau_s: float = 0.8
     Args:
         features: (N, K, H, W) the maps the CAM was computed from.
         cam: (N, H, W) normalised CAMs from ``class_activation_maps``.
-        tau_s: 0.8, tau_g: 0.2 -- not given in the paper; unofficial SSRSGJYD configs (METHODS.md §5).
+        tau_s: 0.8, tau_g: 0.2 -- not given in the paper; unofficial SSRSGJYD configs (docs/fsa.md).
     Returns:
         (specific_mask, generic_mask), each bool (N, H, W).
     """
@@ -220,7 +220,7 @@ class FeatureSpaceAugmenter:
     """Bank of phase-I pre-pool feature maps plus the online augmentation of paper Alg. 1.
 
     The trainer extracts ``model.forward_features(x)`` for every training image once, with the frozen
-    trunk in eval mode and the phase-I augmentation policy (METHODS.md §7). At construction the bank
+    trunk in eval mode and the phase-I augmentation policy (docs/fsa.md). At construction the bank
     computes, for every sample, the CAM of its ground-truth class and its class-generic mask.
 
     Args:
@@ -232,7 +232,7 @@ class FeatureSpaceAugmenter:
         tail_classes: (T,) classes whose samples get augmented; each needs >= 1 bank sample.
         confusing: (T, N_f) confusing classes of each tail class (``confusing_classes``); N_a = N_f because
             Alg. 1 lines 10-18 draw one partner per confusing class.
-        tau_s, tau_g: 0.8 / 0.2, not in the paper (unofficial SSRSGJYD configs, METHODS.md §5).
+        tau_s, tau_g: 0.8 / 0.2, not in the paper (unofficial SSRSGJYD configs, docs/fsa.md).
         storage_dtype: 'float16' (default) halves the bank (CIFAR ResNet-32: 12,406 x 64 x 8 x 8 ->
             102 MB instead of 203 MB); its relative rounding error 2^-11 is far below what moves a
             fine-tuned FC. CAMs, masks and outputs use the stored values, so outputs are exact copies

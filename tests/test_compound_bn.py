@@ -59,7 +59,10 @@ def numpy_reference(x, st, momentum, eps, temperature=1.0, combine='posterior'):
     new_prior = (1 - momentum) * prior + momentum * nk / p_count
     new_prior = new_prior / new_prior.sum()
     new_mean = (1 - momentum) * mean + momentum * mu_t
-    new_var = (1 - momentum) * var + momentum * var_t * (nk / (nk - 1))[:, None]
+    # unbiasing with the effective sample size n_k = N_k^2 / sum_p r_pk^2 (Kish; reliability weights)
+    n_eff = np.array([nk[k] ** 2 / sum(r[p, k] ** 2 for p in range(p_count)) for k in range(m)])
+    unbias = n_eff / (n_eff - 1)
+    new_var = (1 - momentum) * var + momentum * var_t * unbias[:, None]
     weights = r if combine == 'posterior' else r / np.sqrt(nk / p_count)[None, :]
     y = np.zeros((n, c, h, w))
     for p, v in enumerate(vecs):
@@ -68,7 +71,8 @@ def numpy_reference(x, st, momentum, eps, temperature=1.0, combine='posterior'):
         y[i, :, a, b] = sum(weights[p, k] * (gamma[k] * (v - mu_t[k]) / np.sqrt(var_t[k] + eps) + beta[k])
                             for k in range(m))
     resp = r.reshape(n, h, w, m).transpose(0, 3, 1, 2)
-    return dict(y=y, r=resp, mu_t=mu_t, var_t=var_t, prior=new_prior, mean=new_mean, var=new_var, nk=nk)
+    return dict(y=y, r=resp, mu_t=mu_t, var_t=var_t, prior=new_prior, mean=new_mean, var=new_var, nk=nk,
+                unbias=unbias)
 
 
 def close(a, b, tol=1e-5):
@@ -99,7 +103,7 @@ def test_training_forward_matches_numpy_reference(graph, channels_last, combine,
     layer1 = make_layer(momentum=1.0, combine=combine, temperature=temperature)
     layer1(x)
     close(layer1.running_mean, ref['mu_t'])
-    close(layer1.running_var, ref['var_t'] * (ref['nk'] / (ref['nk'] - 1))[:, None])
+    close(layer1.running_var, ref['var_t'] * ref['unbias'][:, None])
     close(layer1.running_prior, ref['nk'] / ref['nk'].sum())
 
 

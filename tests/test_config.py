@@ -62,7 +62,7 @@ def test_file_keys_override_defaults_and_command_line_overrides_file(tmp_path):
     assert (cfg['epochs'], cfg['model'], cfg['loss_kwargs']) == (7, 'resnet32_cbn', {'tau': 2.0})
     assert {k: v for k, v in cfg.items() if k not in ('epochs', 'model', 'loss_kwargs')} == \
         {k: v for k, v in DEFAULTS.items() if k not in ('epochs', 'model', 'loss_kwargs')}
-    assert load_config(['--config', str(f), '--epochs', '2'])['epochs'] == 2
+    assert load_config(['--config', str(f), '--epochs', '6'])['epochs'] == 6
     assert load_config(['--config', str(f), '--loss_kwargs', '{}'])['loss_kwargs'] == {}  # replaced, not merged
 
 
@@ -127,8 +127,8 @@ def test_unknown_key_in_a_file_names_file_key_suggestion_and_valid_keys(tmp_path
     (['--lr', '0.01'], 'lr', 0.01),
     (['--lr', '1e-3'], 'lr', 0.001),  # YAML 1.1 alone would keep '1e-3' a string
     (['--weight_decay', '5E-4'], 'weight_decay', 0.0005),
-    (['--epochs', '3'], 'epochs', 3),
-    (['--epochs=4'], 'epochs', 4),
+    (['--epochs', '7'], 'epochs', 7),
+    (['--epochs=8'], 'epochs', 8),
     (['--batch-size', '16'], 'batch_size', 16),
     (['--lr_steps', '[5, 8]'], 'lr_steps', [5, 8]),
     (['--loss_kwargs', '{tau: 2.0, base: ce}'], 'loss_kwargs', {'tau': 2.0, 'base': 'ce'}),
@@ -149,8 +149,8 @@ def test_overrides_are_parsed_as_yaml(argv, key, value):
 
 
 def test_bare_flags_followed_by_other_keys():
-    cfg = load_config(['--overwrite', '--epochs', '2', '--progress', '--deterministic'])
-    assert cfg['overwrite'] is True and cfg['epochs'] == 2 and cfg['progress'] is True and cfg['deterministic'] is True
+    cfg = load_config(['--overwrite', '--epochs', '6', '--progress', '--deterministic'])
+    assert cfg['overwrite'] is True and cfg['epochs'] == 6 and cfg['progress'] is True and cfg['deterministic'] is True
     cfg = load_config(['--resume', '--lr', '0.2'])
     assert cfg['resume'] == 'latest' and cfg['lr'] == 0.2
 
@@ -165,13 +165,13 @@ def test_override_errors():
 
 
 @pytest.mark.parametrize('argv,match', [
-    (['--epochs', '-1'], r'epochs must be a non-negative integer, got -1'),
-    (['--epochs', '2.5'], r'epochs must be a non-negative integer, got 2.5'),
-    (['--epochs', 'true'], r'epochs must be a non-negative integer, got True'),
-    (['--batch_size', '0'], r'batch_size must be >= 1, got 0'),
-    (['--imbalance_factor', '0.5'], r'imbalance_factor must be >= 1, got 0.5'),
-    (['--lr', '-0.1'], r'lr must be a non-negative number, got -0.1'),
-    (['--lr', 'fast'], r"lr must be a non-negative number, got 'fast'"),
+    (['--epochs', '-1'], r'epochs must be an integer >= 0, got -1'),
+    (['--epochs', '2.5'], r'epochs must be an integer >= 0, got 2.5'),
+    (['--epochs', 'true'], r'epochs must be an integer >= 0, got True'),
+    (['--batch_size', '0'], r'batch_size must be an integer >= 1, got 0'),
+    (['--imbalance_factor', '0.5'], r'imbalance_factor must be a finite number in \[1, inf\), got 0.5'),
+    (['--lr', '-0.1'], r'lr must be a finite number in \(0, inf\), got -0.1'),
+    (['--lr', 'fast'], r"lr must be a finite number in \(0, inf\), got 'fast'"),
     (['--mixed_precision', 'fp8'], r"invalid mixed_precision 'fp8'; expected one of \('no', 'bf16', 'fp16'\)"),
     (['--method', 'magic'], r"invalid method 'magic'; expected one of"),
     (['--stage', 'stage3'], r"invalid stage 'stage3'; expected one of \('stage1', 'crt'"),
@@ -182,6 +182,37 @@ def test_override_errors():
     (['--model_kwargs', '[1]'], r'model_kwargs must be a mapping, got \[1\]'),
     (['--stage', 'crt'], r"stage 'crt' needs stage1_dir"),
     (['--resume', '--overwrite'], r'resume and overwrite exclude each other'),
+    # every numeric key is range-checked, not only for its type
+    (['--epochs', '0'], r"stage 'stage1' trains, so epochs must be >= 1, got 0"),
+    (['--lr', '0'], r'lr must be a finite number in \(0, inf\), got 0'),
+    (['--momentum', '1.0'], r'momentum must be a finite number in \[0, 1\), got 1.0'),
+    (['--weight_decay', '-1e-4'], r'weight_decay must be a finite number in \[0, inf\), got -0.0001'),
+    (['--warmup_epochs', '-1'], r'warmup_epochs must be an integer >= 0, got -1'),
+    (['--epochs', '5', '--warmup_epochs', '5'], r'warmup_epochs \(5\) must be < epochs \(5\)'),
+    (['--input_size', '0'], r'input_size must be an integer >= 1, got 0'),
+    (['--eval_every', '0'], r'eval_every must be an integer >= 1, got 0'),
+    (['--keep_checkpoints', '0'], r'keep_checkpoints must be an integer >= 1, got 0'),
+    (['--consistency_weight', '-0.1'], r'consistency_weight must be a finite number in \[0, inf\), got -0.1'),
+    (['--fsa_head_ratio', '1.0'], r'fsa_head_ratio must be a finite number in \(0, 1\), got 1.0'),
+    (['--fsa_tau_s', '1.5'], r'fsa_tau_s must be a finite number in \[0, 1\], got 1.5'),
+    (['--fsa_lr', '0'], r'fsa_lr must be a finite number in \(0, inf\), got 0'),
+    (['--fsa_iterations', '0'], r'fsa_iterations must be an integer >= 1, got 0'),
+    (['--grad_clip', '0'], r'grad_clip must be a number > 0 or null, got 0'),
+    (['--lr', '.nan'], r'lr must be a finite number in \(0, inf\), got nan'),
+    (['--stop_after_epoch', '0'], r'stop_after_epoch must be an integer >= 1 or null, got 0'),
+    (['--lr_steps', '[0, 5]'], r'lr_steps must be a list of epochs >= 1, got \[0, 5\]'),
+    (['--hflip', 'maybe'], r"hflip must be true or false, got 'maybe'"),
+    (['--few_threshold', '200'], r'few_threshold \(200\) must not exceed many_threshold \(100\)'),
+    # combinations that are not implemented are refused, naming what is supported
+    (['--dual_path', 'true', '--mixup_alpha', '1.0'], r'mixup_alpha=1.0 with dual_path is not implemented.*'
+                                                      r'use mixup_alpha: 0 or dual_path: false'),
+    (['--stage', 'crt', '--stage1_dir', 'runs/x', '--dual_path', 'true'], r"dual_path is a stage-1 method; stage 'crt'"),
+    (['--stage', 'tau_norm', '--stage1_dir', 'runs/x', '--sampler', 'class_balanced'],
+     r"stage 'tau_norm' does not use \['sampler'\].*supported: the defaults \{'sampler': 'instance'\}"),
+    (['--stage', 'fsa', '--stage1_dir', 'runs/x', '--mixup_alpha', '1.0', '--loss', 'focal'],
+     r"stage 'fsa' does not use \['loss', 'mixup_alpha'\]"),
+    (['--stage', 'fsa', '--stage1_dir', 'runs/x', '--epochs', '10', '--fsa_iterations', '5'],
+     r'fsa_iterations \(5\) are spread over the epochs, so they must be >= epochs \(10\)'),
 ])
 def test_bad_values_are_refused_with_the_value_named(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -195,7 +226,7 @@ def test_describe_keys_and_help_list_every_key(capsys):
         load_config(['--help'])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(f'  {k}: ' in out for k in SCHEMA)
+    assert all(f'  --{k} (default {DEFAULTS[k]!r}): ' in out for k in SCHEMA)
 
 
 # ----------------------------------------------------------------------------- shipped config files

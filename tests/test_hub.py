@@ -61,7 +61,7 @@ def make_run_dir(path: Path, arch: str, *, method: str, model_kwargs=None, size:
     logits, targets = torch.randn(60, 3, generator=gen), torch.arange(60) % 3
     cfg = copy.deepcopy(DEFAULTS)
     cfg.update(method=method, dataset='fashion_mnist', output_dir=str(path), imbalance_factor=5.0, input_size=size,
-               in_chans=1, model=arch, model_kwargs=model_kwargs, epochs=2, progress=False)
+               in_chans=1, model=arch, model_kwargs=model_kwargs, epochs=2, warmup_epochs=0, progress=False)
     validate_config(cfg)  # the same schema train/train.py resolves and writes
     path.mkdir(parents=True)
     with open(path / 'config.yaml', 'w') as f:
@@ -362,6 +362,61 @@ def test_out_dir_with_foreign_files_is_not_replaced(run_copy, tmp_path):
     with pytest.raises(ValueError, match='notes.txt'):
         push_run(str(run_copy), REPO_ID, dry_run=True, out=str(out))
     assert (out / 'notes.txt').read_text() == 'keep me'
+
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def test_truncated_weights_give_one_line_naming_the_file(run_copy, capsys):
+    """Issue: push --dry-run on a truncated model.safetensors printed a SafetensorError traceback."""
+    _truncate(run_copy / 'model.safetensors')
+    assert hub_main(['push', str(run_copy), '--repo-id', REPO_ID, '--dry-run']) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), captured.err
+    assert f"{run_copy / 'model.safetensors'} is not a readable safetensors file" in lines[0]
+    assert 'Traceback' not in captured.out + captured.err
+    assert sorted(p.name for p in run_copy.iterdir()) == sorted(
+        ['config.json', 'config.yaml', 'eval.json', 'metrics.jsonl', 'model.safetensors', 'per_class_accuracy.png'])
+
+
+@pytest.mark.parametrize('name', ['eval.json', 'config.yaml'])
+def test_truncated_run_records_are_named(run_copy, name):
+    _truncate(run_copy / name, 0.3)
+    if name == 'config.yaml':  # cut inside a flow mapping, which YAML cannot parse
+        (run_copy / name).write_text((run_copy / name).read_text() + '\nmodel_kwargs: {nbn_scope: al')
+    with pytest.raises(ValueError, match=rf"{run_copy / name} is unreadable \(truncated or corrupt\)"):
+        push_run(str(run_copy), REPO_ID, dry_run=True)
+    assert not (run_copy / 'hub_export').exists()
+
+
+@pytest.mark.parametrize('exc', [KeyError('no such key'), OSError(28, 'No space left on device'),
+                                 AssertionError('line one\nline two')])
+def test_cli_prints_any_failure_as_one_line(exc, run_copy, monkeypatch, capsys):
+    import lt_zoo.hub.__main__ as cli
+
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(cli, 'push_run', fail)
+    monkeypatch.setattr(cli, 'write_card', fail)
+    for argv in (['push', str(run_copy), '--repo-id', REPO_ID, '--dry-run'],
+                 ['card', str(run_copy), '--repo-id', REPO_ID, '--out', str(run_copy / 'card.md')]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith(f'error: {type(exc).__name__}: '), err
+
+
+@pytest.mark.slow
+def test_cli_process_prints_no_traceback(run_copy):
+    """The real ``python -m lt_zoo.hub`` process: exit status 2 and one stderr line."""
+    _truncate(run_copy / 'model.safetensors', 0.9)
+    proc = subprocess.run([sys.executable, '-m', 'lt_zoo.hub', 'push', str(run_copy), '--repo-id', REPO_ID,
+                           '--dry-run'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count('\n') == 0 and 'model.safetensors' in proc.stderr, proc.stderr
 
 
 # -------------------------------------------------------------------------------------------- fold NBN

@@ -150,6 +150,50 @@ def test_invalid_shortcut():
         assert word in str(info.value)
 
 
+# every entrypoint option is checked at create_model time; the message names the value and what was expected
+@pytest.mark.parametrize('name, kwargs, words', [
+    ('resnet32', {'in_chans': 0}, ['in_chans=0', 'positive int']),
+    ('resnet50_nbn', {'in_chans': -3}, ['in_chans=-3', 'positive int']),
+    ('resnet32_gcl', {'in_chans': 2.0}, ['in_chans=2.0', 'positive int']),
+    ('resnet32', {'num_classes': -1}, ['num_classes=-1', 'int >= 0']),
+    ('resnet18_gcl', {'num_classes': -2}, ['num_classes=-2', 'int >= 0']),
+    ('resnet32_nbn', {'num_classes': 2.5}, ['num_classes=2.5', 'int >= 0']),
+    ('resnet32_gcl', {'cosine_scale': 0.0}, ['cosine_scale=0.0', 'positive']),
+    ('resnet50_nbn_gcl', {'cosine_scale': float('nan')}, ['cosine_scale=nan', 'positive finite']),
+    ('resnet32', {'drop_rate': 1.0}, ['drop_rate=1.0', '[0, 1)']),
+    ('resnet18_cbn', {'drop_path_rate': -0.1}, ['drop_path_rate=-0.1', '[0, 1)']),
+    ('resnet20', {'global_pool': 'median'}, ["global_pool='median'", "'avg'"]),
+    ('resnet18_nbn', {'global_pool': 'median'}, ["global_pool='median'", "'avg'"]),
+    ('resnet20', {'widths': (16, 0, 64)}, ['widths=(16, 0, 64)', 'three positive ints']),
+    ('resnet20', {'zero_init_last': 'yes'}, ["zero_init_last='yes'", 'a bool']),
+    ('resnet18_nbn', {'output_stride': 7}, ['output_stride=7', '(8, 16, 32)']),
+    ('resnet20_cbn', {'momentum': 2.0}, ['momentum', '2.0']),
+    ('resnet18_cbn_gcl', {'temperature': -1.0}, ['temperature', '-1.0']),
+])
+def test_invalid_option_values_are_refused(name, kwargs, words):
+    with pytest.raises(ValueError) as info:
+        timm.create_model(name, **kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_invalid_norm_option_fails_before_the_model_is_built(monkeypatch):
+    built, init = [], CifarResNet.__init__
+    monkeypatch.setattr(CifarResNet, '__init__', lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    with pytest.raises(ValueError, match='momentum'):
+        timm.create_model('resnet20_cbn', momentum=2.0)
+    assert built == []
+
+
+@pytest.mark.parametrize('name', ['resnet20_gcl', 'resnet18_nbn', 'resnet18_cbn_gcl'])
+def test_reset_classifier_refuses_a_negative_class_count(name):
+    model = timm.create_model(name, num_classes=3)
+    with pytest.raises(ValueError, match='num_classes=-1'):
+        model.reset_classifier(-1)
+    with pytest.raises(ValueError, match='num_classes=-1'):
+        create_head('cosine', 8, -1, 30.0)
+
+
 # ------------------------------------------------------------------------------------------ cosine head
 @pytest.mark.parametrize('name, in_chans, size', [('resnet32_gcl', 3, 32), ('resnet18_nbn_gcl', 1, 32)])
 def test_cosine_head_logits_are_scaled_cosines(name, in_chans, size):

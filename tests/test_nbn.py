@@ -125,6 +125,60 @@ def test_layer_errors():
         third.share_alpha_with(borrower)
 
 
+@pytest.mark.parametrize('kwargs, words', [
+    ({'num_features': 0}, ['num_features', '0', 'positive int']),
+    ({'num_features': 8, 'eps': 0.0}, ['eps', '0.0', 'positive']),
+    ({'num_features': 8, 'norm_eps': -1e-6}, ['norm_eps', '-1e-06', 'positive']),
+    ({'num_features': 8, 'momentum': 1.5}, ['momentum', '1.5', '[0, 1]']),
+    ({'num_features': 8, 'alpha_init': float('inf')}, ['alpha_init', 'inf', 'finite']),
+])
+def test_layer_option_errors_name_the_value(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        NormalizedBatchNorm2d(**kwargs)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def _shared_pair():
+    owner, borrower = NormalizedBatchNorm2d(4), NormalizedBatchNorm2d(4)
+    borrower.share_alpha_with(owner)
+    return nn.Sequential(owner, borrower)
+
+
+def test_torchscript_keeps_outputs_and_the_shared_alpha():
+    model = _randomize(_shared_pair())
+    with torch.no_grad():
+        model[0].alpha.fill_(-1.7)
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(3))
+    for train in (True, False):
+        eager = copy.deepcopy(model).train(train)
+        scripted = torch.jit.script(copy.deepcopy(model).train(train))
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), eager(x))
+        torch.testing.assert_close(scripted[1].running_mean, eager[1].running_mean)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        model[0].alpha.fill_(0.5)  # still one parameter after scripting
+    torch.testing.assert_close(scripted.eval()(x), model.eval()(x))
+    with pytest.raises(Exception, match='4-D'):
+        scripted(torch.randn(2, 4))
+
+
+def test_shared_alpha_is_stored_once_and_retied_on_load():
+    model = _shared_pair()
+    assert [k for k in model.state_dict() if k.endswith('alpha')] == ['0.alpha']
+    assert [n for n, _ in model.named_parameters() if n.endswith('alpha')] == ['0.alpha']
+    with torch.no_grad():
+        model[0].alpha.fill_(2.5)
+    fresh = _shared_pair().to('meta')
+    fresh.to_empty(device='cpu')  # re-materialising unties shared parameters
+    fresh.load_state_dict(model.state_dict())
+    assert fresh[1].alpha is fresh[0].alpha and float(fresh[1].get_alpha()) == 2.5
+    x = torch.randn(2, 4, 3, 3)
+    fresh(x).sum().backward()
+    assert fresh[0].alpha.grad is not None and [n for n, _ in fresh.named_parameters()].count('0.alpha') == 1
+
+
 # ------------------------------------------------------------------------------------------ norms of w, b
 @pytest.mark.parametrize('name, kwargs', [
     ('resnet20_nbn', {'nbn_scope': 'all'}),

@@ -93,7 +93,9 @@ def test_bare_architecture_keeps_untrained_cifar_default():
         assert model.conv1.weight.shape[1] == 3, arch  # not the 1-channel Fashion-MNIST tag
         assert model.pretrained_cfg['input_size'] == (3, 32, 32)
         assert model.pretrained_cfg.get('tag') is None and not model.pretrained_cfg.get('hf_hub_id')
-        with pytest.raises(RuntimeError, match='No pretrained weights'):
+        # the error lists what does have weights, and this architecture's unpublished tags
+        with pytest.raises(RuntimeError, match=r'No pretrained weights exist for resnet32.*resnet50_cbn\.a1_in1k'
+                                               r'.*not published yet: ' + arch):
             timm.create_model(arch, pretrained=True)
 
 
@@ -101,14 +103,19 @@ def test_tag_cfg_is_the_fashion_mnist_checkpoint():
     model = timm.create_model('resnet32_cbn.fmnist_lt')
     assert model.conv1.weight.shape[1] == 1 and model.num_classes == 10
     cfg = model.pretrained_cfg
-    assert cfg['hf_hub_id'] == 'lt-zoo/resnet32_cbn.fmnist_lt' and cfg['tag'] == 'fmnist_lt'
+    assert cfg['tag'] == 'fmnist_lt' and cfg['hf_hub_filename'] == 'model.safetensors'
+    assert not cfg.get('hf_hub_id')  # not published: no download is promised
     assert cfg['input_size'] == (1, 28, 28) and cfg['architecture'] == 'resnet32_cbn'
 
 
 def test_every_tag_is_registered_and_consistent():
-    assert set(PRETRAINED_TAGS) <= set(timm.list_pretrained())
+    published = {name for name, cfg in PRETRAINED_TAGS.items() if cfg['published']}
+    registered = set(timm.list_models('resnet32*', include_tags=True))
+    assert set(PRETRAINED_TAGS) <= registered
+    assert {n for n in timm.list_pretrained('resnet32*') if n in PRETRAINED_TAGS} == published
     assert set(SOURCE_RUNS) == set(PRETRAINED_TAGS)
     for name, cfg in PRETRAINED_TAGS.items():
+        assert isinstance(cfg['published'], bool), name
         assert cfg['hf_hub_id'] == f'{HF_ORG}/{name}' and HF_ORG == 'lt-zoo'
         assert list(cfg['label_names']) == list(FASHION_MNIST_CLASSES)
         assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0] == 1
@@ -129,10 +136,26 @@ def test_source_runs_match_the_benchmark_configs():
 
 
 # ------------------------------------------------------------------------------------------- loading
+def _as_published(name):
+    """What the tag's cfg will hold once its repo is published (the table's hf_hub_id)."""
+    return dict(pretrained_cfg_overlay=dict(hf_hub_id=PRETRAINED_TAGS[name]['hf_hub_id']))
+
+
+@pytest.mark.parametrize('name', CACHED_TAGS)
+def test_unpublished_tag_says_so_and_how_to_train_it(offline, name):
+    run = SOURCE_RUNS[name]
+    with pytest.raises(RuntimeError, match='is not published yet') as info:
+        timm.create_model(name, pretrained=True)  # even with the repo in the cache: nothing is promised
+    text = str(info.value)
+    assert f"python train/train.py --config train/configs/fmnist_lt/{run.split('/')[-1]}.yaml" in text
+    assert f"timm.create_model('local-dir:{run}', pretrained=True)" in text
+    assert f"python -m lt_zoo.hub push {run} --repo-id {PRETRAINED_TAGS[name]['hf_hub_id']}" in text
+
+
 @pytest.mark.parametrize('name', CACHED_TAGS)
 def test_tag_pretrained_loads_exact_weights(offline, name):
     original = offline[name]
-    model = timm.create_model(name, pretrained=True)
+    model = timm.create_model(name, pretrained=True, **_as_published(name))
     assert huggingface_hub.try_to_load_from_cache(PRETRAINED_TAGS[name]['hf_hub_id'], 'model.safetensors')
     want = original.state_dict()
     got = model.state_dict()
@@ -155,7 +178,7 @@ def test_hf_hub_prefix_loads_exact_weights(offline):
                                        ('resnet32_gcl.fmnist_lt', CosineClassifier)])
 def test_other_num_classes_resets_only_the_head(offline, name, head):
     original = offline[name].state_dict()
-    model = timm.create_model(name, pretrained=True, num_classes=4)
+    model = timm.create_model(name, pretrained=True, num_classes=4, **_as_published(name))
     assert isinstance(model.fc, head) and model.fc.weight.shape == (4, 64)
     got = model.state_dict()
     body = [k for k in original if not k.startswith('fc.')]
@@ -176,6 +199,8 @@ def test_architecture_mismatch_is_a_clear_error(offline):
 
 
 def test_loading_is_offline(offline):
-    """A tag whose repo is not in the temporary cache fails locally instead of reaching the network."""
-    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
-        timm.create_model('resnet32_nbn.fmnist_lt', pretrained=True)
+    """A tag whose repo is not in the temporary cache fails locally, naming repo and file, without the network."""
+    with pytest.raises(RuntimeError, match='model.safetensors of lt-zoo/resnet32_nbn.fmnist_lt is not in the '
+                                           'Hugging Face cache') as info:
+        timm.create_model('resnet32_nbn.fmnist_lt', pretrained=True, **_as_published('resnet32_nbn.fmnist_lt'))
+    assert isinstance(info.value.__cause__, huggingface_hub.errors.LocalEntryNotFoundError)

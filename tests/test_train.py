@@ -1,6 +1,6 @@
-"""train/train.py end to end on the embedded digits data, plus the dual-path loss and mixup it uses.
+"""The trainer (lt_zoo.training.trainer, CLI train/train.py) end to end on the embedded digits data.
 
-Every run is in-process (``train.main(argv)``) at 8x8 input, batch 64 and 1-2 epochs, so one run costs
+Every run is in-process (``trainer.main(argv)``) at 8x8 input, batch 64 and 1-2 epochs, so one run costs
 a few seconds.  Stage-1 runs are cached per session: the ce and gcl runs double as the stage-1
 directories of the stage-2 tests, and the 2-epoch ce / cbn runs as the uninterrupted references of
 the resume tests.
@@ -20,21 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'train'))
-import train  # noqa: E402  (train/train.py)
+import timm
+import lt_zoo  # noqa: F401  (registers the lt_zoo models with timm)
+from lt_zoo import data as ltdata
+from lt_zoo.export import export_model
+from lt_zoo.training import trainer
+from lt_zoo.training.config import SCHEMA, load_config
 
-import timm  # noqa: E402
-import lt_zoo  # noqa: E402,F401  (registers the lt_zoo models with timm)
-from lt_zoo import data as ltdata  # noqa: E402
-from lt_zoo.export import export_model  # noqa: E402
-from lt_zoo.training.config import SCHEMA, load_config  # noqa: E402
-from lt_zoo.training.dual_path import DualPathLoss, DualPathModel, dual_path_keys  # noqa: E402
-from lt_zoo.training.mixup import mixed_loss, mixup_batch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS = ROOT / 'train' / 'configs' / 'digits'
 FAST = ['--batch_size', '64', '--progress', 'false', '--input_size', '8', '--deterministic', 'true',
@@ -74,7 +70,7 @@ def _isolated_globals():
 
 def train_main(argv):
     with _isolated_globals():
-        return train.main([str(a) for a in argv])
+        return trainer.main([str(a) for a in argv])
 
 
 def argv_for(method, out, stage1_dir=None, epochs=None):
@@ -187,7 +183,7 @@ def check_run_outputs(run_dir, argv, result, method):
 
     # metrics.jsonl: one line per trained epoch; the last one evaluated the model that was exported.
     lines = read_metrics(run_dir)
-    trains = cfg['stage'] in ('stage1', 'crt', 'lws')
+    trains = cfg['stage'] != 'tau_norm'  # FSA phase II goes through the same epoch loop
     assert [r['epoch'] for r in lines] == (list(range(1, cfg['epochs'] + 1)) if trains else [])
     if trains:
         assert all(math.isfinite(r['train_loss']) and math.isfinite(r['lr']) for r in lines)
@@ -196,6 +192,7 @@ def check_run_outputs(run_dir, argv, result, method):
 
 
 # ----------------------------------------------------------------------------------- every method runs
+@pytest.mark.slow
 @pytest.mark.parametrize('method', STAGE1)
 def test_stage1_method_runs_and_writes_outputs(method, digits_run):
     run_dir, argv, result = digits_run(method)
@@ -210,10 +207,13 @@ def test_stage1_method_runs_and_writes_outputs(method, digits_run):
                     + 0.1 * (r['train_consistency_weak'] + r['train_consistency_strong']))
             assert r['train_loss'] == pytest.approx(want, rel=1e-6)
             assert -1.0 <= r['train_consistency_weak'] <= 1.0
+            priors = [layer['prior'] for layer in r['cbn'].values()]  # every CBN layer's summary, every epoch
+            assert len(priors) == 31 and all(sum(p) == pytest.approx(1.0, abs=1e-5) for p in priors)
         sd = load_file(str(run_dir / 'model.safetensors'))
         assert any(k.endswith('running_prior') for k in sd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', sorted(STAGE2_PARENT))
 def test_stage2_method_runs_and_keeps_the_trunk(method, digits_run):
     run_dir, argv, result = digits_run(method)
@@ -242,6 +242,7 @@ def test_stage2_method_runs_and_keeps_the_trunk(method, digits_run):
 
 
 # --------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['ce', 'cbn'])
 def test_stop_and_resume_equals_uninterrupted_run(method, digits_run, tmp_path):
     ref_dir, ref_argv, _ = digits_run(method)  # 2 epochs, uninterrupted, deterministic
@@ -267,6 +268,7 @@ def _assert_same_run(out, ref_dir):
         assert {k: v for k, v in r.items() if k != 'time_s'} == {k: v for k, v in q.items() if k != 'time_s'}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_completes_identically(digits_run, tmp_path):
     ref_dir, _, _ = digits_run('ce')
     out = tmp_path / 'killed'
@@ -293,6 +295,17 @@ def test_sigkill_then_resume_completes_identically(digits_run, tmp_path):
     assert not list((out / 'checkpoints').glob('.tmp_*'))
 
 
+@pytest.mark.slow
+def test_last_epoch_is_evaluated_once(tmp_path, monkeypatch):
+    """The final report reuses the last epoch's evaluation instead of predicting the test split again."""
+    from lt_zoo.training import evaluation
+    calls, real = [], evaluation.predict
+    monkeypatch.setattr(evaluation, 'predict', lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = train_main(argv_for('ce', tmp_path / 'run', epochs=2) + ['--eval_every', '1'])
+    assert len(calls) == 2  # epochs 1 and 2, not a third time at the end
+    assert read_metrics(tmp_path / 'run')[-1]['test_top1'] == result['top1']
+
+
 # --------------------------------------------------------------------------------------- error cases
 SENTINEL = 'an earlier run\n'
 
@@ -306,8 +319,7 @@ def guarded_dir(tmp_path, monkeypatch):
 
     def no_training(*args, **kwargs):
         raise AssertionError('training started although the configuration is invalid')
-    monkeypatch.setattr(train, 'train_epochs', no_training)
-    monkeypatch.setattr(train, 'run_fsa', no_training)
+    monkeypatch.setattr(trainer, 'train_epochs', no_training)
     return run_dir
 
 
@@ -328,8 +340,12 @@ BAD_OPTIONS = [  # (extra argv on digits/ce.yaml, exception, message pattern)
     (['--loss', 'cross_entropy'], ValueError, r"unknown loss 'cross_entropy'.*'balanced_softmax'.*'ldam'"),
     (['--sampler', 'balanced'], ValueError, r"unknown sampler 'balanced'; valid: .*'cben', 'class_balanced'"),
     (['--epoch', '3'], ValueError, r"unknown config key 'epoch'.*did you mean \['epochs'.*valid keys:.*'lr'"),
-    (['--epochs', '-1'], ValueError, r"epochs must be a non-negative integer, got -1"),
-    (['--imbalance_factor', '0.5'], ValueError, r"imbalance_factor must be >= 1, got 0.5"),
+    (['--epochs', '-1'], ValueError, r"epochs must be an integer >= 0, got -1"),
+    (['--epochs', '0'], ValueError, r"stage 'stage1' trains, so epochs must be >= 1, got 0"),
+    (['--momentum', '1.5'], ValueError, r"momentum must be a finite number in \[0, 1\), got 1.5"),
+    (['--loss_kwargs', '{gamma: 2.0}'], ValueError, r"unknown option\(s\) \['gamma'\] for loss 'ce'"),
+    (['--sampler_kwargs', '{beta: 0.9}'], ValueError, r"unknown option\(s\) \['beta'\] for sampler 'instance'"),
+    (['--imbalance_factor', '0.5'], ValueError, r"imbalance_factor must be a finite number in \[1, inf\), got 0.5"),
     (['--mixed_precision', 'fp8'], ValueError, r"invalid mixed_precision 'fp8'.*'bf16'"),
     (['--loss', 'gcl'], ValueError, r"loss 'gcl' works on cosine similarities.*'resnet32' has Linear"),
     (['--loss', 'ldam'], ValueError, r"loss 'ldam' works on cosine similarities.*cosine head"),
@@ -387,117 +403,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, monkeypatch):
     (run_dir / 'model.safetensors').write_bytes(b'weights of an earlier run')
     (run_dir / 'metrics.jsonl').write_text('{"epoch": 1}\n')
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()}
-    monkeypatch.setattr(train, 'train_epochs', lambda *a, **k: pytest.fail('training started'))
+    monkeypatch.setattr(trainer, 'train_epochs', lambda *a, **k: pytest.fail('training started'))
     with pytest.raises(FileExistsError, match=r"already exists; pass --resume to continue it or --overwrite"):
         train_main(argv_for('ce', run_dir))
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()} == before
-
-
-# ------------------------------------------------------------------------------------ dual-path loss
-KEYS = ['compound_weak', 'compound_strong', 'split_weak', 'split_strong']
-
-
-def _logits(b=6, k=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {key: torch.randn(b, k, generator=g, dtype=torch.float64, requires_grad=True) for key in KEYS}
-
-
-def _stub_cls(z, y):
-    """A stand-in classification loss whose value identifies which logits it saw."""
-    return (z * torch.arange(1, z.shape[1] + 1, dtype=z.dtype)).sum() / z.shape[0] + 0.01 * y.sum()
-
-
-def _neg_mean_cos(a, b):
-    a, b = a.detach().numpy(), b.detach().numpy()
-    return -np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-
-
-def test_dual_path_loss_default_terms():
-    logits, y = _logits(), torch.tensor([0, 1, 2, 3, 4, 0])
-    terms = DualPathLoss(_stub_cls)(logits, y)  # defaults: strong view, both paths; consistency 0.1 on both views
-    assert set(terms) == {'cls_compound_strong', 'cls_split_strong', 'consistency_weak', 'consistency_strong', 'loss'}
-    cls = sum(float(_stub_cls(logits[k], y).detach()) for k in ('compound_strong', 'split_strong'))
-    cons = {v: _neg_mean_cos(logits[f'compound_{v}'], logits[f'split_{v}']) for v in ('weak', 'strong')}
-    for v in cons:
-        assert float(terms[f'consistency_{v}'].detach()) == pytest.approx(cons[v], abs=1e-12)
-    assert float(terms['loss'].detach()) == pytest.approx(cls + 0.1 * (cons['weak'] + cons['strong']), abs=1e-12)
-
-
-def test_dual_path_consistency_gradient_is_stop_gradient():
-    """Each half D(c, sg(s)) moves only its prediction: d loss / d c = w/2 * d(-mean cos(c, s))/dc, s fixed."""
-    logits, y = _logits(seed=1), torch.zeros(6, dtype=torch.long)
-    w = 0.3
-    loss = DualPathLoss(_stub_cls, cls_views=(), cls_paths=(), consistency_views=('weak',), consistency_weight=w)
-    loss(logits, y)['loss'].backward()
-    for pred, target in (('compound_weak', 'split_weak'), ('split_weak', 'compound_weak')):
-        c, s = logits[pred].detach().numpy(), logits[target].detach().numpy()
-        nc, ns = np.linalg.norm(c, axis=1, keepdims=True), np.linalg.norm(s, axis=1, keepdims=True)
-        cos = (c * s).sum(1, keepdims=True) / (nc * ns)
-        dcos = s / (nc * ns) - cos * c / nc ** 2  # closed-form d cos(c, s) / d c
-        np.testing.assert_allclose(logits[pred].grad.numpy(), -0.5 * w * dcos / len(c), rtol=1e-10, atol=1e-14)
-    assert logits['compound_strong'].grad is None and logits['split_strong'].grad is None
-
-
-@pytest.mark.parametrize('views,paths', [(['weak'], ['split']), (['weak', 'strong'], ['compound']),
-                                         (['strong'], ['compound', 'split'])])
-def test_dual_path_loss_switches(views, paths):
-    logits, y = _logits(seed=2), torch.tensor([1, 1, 2, 0, 4, 3])
-    chosen = [f'{p}_{v}' for p in paths for v in views]
-    only = {k: logits[k] for k in chosen}  # without consistency no other logits are needed
-    terms = DualPathLoss(_stub_cls, cls_views=views, cls_paths=paths, consistency_weight=0.0)(only, y)
-    assert set(terms) == {f'cls_{k}' for k in chosen} | {'loss'}
-    want = sum(float(_stub_cls(logits[k], y).detach()) for k in chosen)
-    assert float(terms['loss'].detach()) == pytest.approx(want, abs=1e-12)
-    assert dual_path_keys(views, paths, ['weak', 'strong'], 0.0) == sorted(chosen)
-    assert dual_path_keys(views, paths, ['weak'], 0.1) == sorted(set(chosen) | {'compound_weak', 'split_weak'})
-
-
-def test_dual_path_model_runs_the_requested_passes():
-    torch.manual_seed(0)
-    net = timm.create_model('resnet32_cbn', num_classes=10, in_chans=1)
-    keys = dual_path_keys(['strong'], ['compound', 'split'], ['weak'], 0.1)
-    wrapped = DualPathModel(net, 10, keys)
-    x_weak, x_strong, y = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8), torch.arange(8) % 10
-    out = wrapped.train()(x_weak, x_strong, y)
-    assert sorted(out) == keys and all(v.shape == (8, 10) for v in out.values())
-    assert not torch.allclose(out['compound_strong'], out['split_strong'])  # the paths normalise differently
-    wrapped.eval()
-    with torch.no_grad():  # evaluation: one tensor, the compound path = the plain model
-        assert torch.equal(wrapped(x_weak), net(x_weak))
-
-
-# --------------------------------------------------------------------------------------------- mixup
-def test_mixup_alpha_zero_is_identity():
-    x, y = torch.randn(5, 3), torch.arange(5)
-    xm, ya, yb, lam = mixup_batch(x, y, 0.0)
-    assert xm is x and ya is y and yb is y and lam == 1.0
-
-
-@pytest.mark.parametrize('seeded', [True, False])
-def test_mixup_mixes_pairs(seeded):
-    g = torch.Generator().manual_seed(3) if seeded else None
-    x, y = torch.randn(16, 2, 3, dtype=torch.float64), torch.arange(16)  # labels = positions: y_b is the pairing
-    xm, ya, yb, lam = mixup_batch(x, y, 1.0, g)
-    assert 0.0 < lam < 1.0 and torch.equal(ya, y) and sorted(yb.tolist()) == list(range(16))
-    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[yb], rtol=0, atol=1e-12)
-    lams = [mixup_batch(x, y, 1.0, g)[3] for _ in range(400)]  # Beta(1, 1) = uniform: mean 1/2, sd 0.014
-    assert abs(np.mean(lams) - 0.5) < 0.08 and min(lams) >= 0.0 and max(lams) <= 1.0
-    if seeded:  # reproducible from the generator's seed
-        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-        a, b = mixup_batch(x, y, 1.0, g1), mixup_batch(x, y, 1.0, g2)
-        assert a[3] == b[3] and torch.equal(a[2], b[2])
-
-
-def test_mixed_loss_by_hand():
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
-    ya, yb = torch.tensor([0, 1, 2, 3, 0, 1, 2]), torch.tensor([3, 3, 0, 1, 2, 2, 1])
-    z = logits.numpy()
-    logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
-    ce = lambda t: -np.mean(logp[np.arange(7), t.numpy()])  # noqa: E731
-    assert float(mixed_loss(F.cross_entropy, logits, ya, yb, 0.3)) == pytest.approx(0.3 * ce(ya) + 0.7 * ce(yb),
-                                                                                      abs=1e-12)
-    calls = []
-    counting = lambda z, t: calls.append(t) or F.cross_entropy(z, t)  # noqa: E731
-    assert float(mixed_loss(counting, logits, ya, yb, 1.0)) == pytest.approx(ce(ya), abs=1e-12)
-    assert len(calls) == 1  # lam = 1 (mixup off): one loss call, so stochastic losses draw noise once

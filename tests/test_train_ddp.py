@@ -25,6 +25,7 @@ from lt_zoo.training.dual_path import dual_path_keys
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'train' / 'configs' / 'digits' / 'cbn.yaml'
 PER_PROCESS_BATCH = 32
+pytestmark = pytest.mark.slow  # two processes, minutes on CPU
 
 
 @pytest.fixture(scope='module')

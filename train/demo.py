@@ -13,13 +13,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train as trainer  # noqa: E402  (train/train.py)
-
-import timm  # noqa: E402
-import lt_zoo  # noqa: E402,F401  (registers resnet32_cbn with timm)
-from lt_zoo import data as ltdata  # noqa: E402
-from lt_zoo.training.config import load_config  # noqa: E402
+import timm
+import lt_zoo  # noqa: F401  (registers resnet32_cbn with timm)
+from lt_zoo import data as ltdata
+from lt_zoo.training.config import load_config
+from lt_zoo.training.trainer import record_command, run
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'digits', 'cbn.yaml')
 
@@ -44,8 +42,7 @@ def main(argv=None):
     if '--resume' not in argv and '--overwrite' not in argv:
         argv += ['--overwrite']
     cfg = load_config(['--config', CONFIG] + argv)
-    cfg['command'] = ' '.join(['train/demo.py'] + argv)
-    final, model = trainer.run(dict(cfg))
+    final, model = run(cfg, command=record_command('train/demo.py', argv))
     run_dir = cfg['output_dir']
 
     reloaded = timm.create_model('local-dir:' + os.path.abspath(run_dir), pretrained=True)

@@ -18,6 +18,8 @@ from .normalization import dataset_mean_std, mean_std_from_timm
 from .splits import DataSplits, load_splits
 from .torch_dataset import BatchTransform, TransformedDataset, attach_transform, collate
 from .transforms import ResizeIfNeeded, ToMode, TwoView, create_transform
+from .tensor_cache import DecodedSplit, TensorCacheError, decode_split, default_tensor_cache_dir
+from .batch_augment import BatchAugment, BatchTwoView, TensorLoader, create_batch_transform
 
 __all__ = [
     "DataSplits", "load_splits", "load_digits", "load_fashion_mnist", "FASHION_MNIST_CLASSES", "arrays_to_dataset",
@@ -25,4 +27,6 @@ __all__ = [
     "LongTailInfo", "long_tail_counts", "make_long_tailed", "class_counts", "hash_indices",
     "create_transform", "TwoView", "ToMode", "ResizeIfNeeded", "dataset_mean_std", "mean_std_from_timm",
     "attach_transform", "collate", "TransformedDataset", "BatchTransform", "ImageReadError", "decode_image",
+    "DecodedSplit", "TensorCacheError", "decode_split", "default_tensor_cache_dir",
+    "BatchAugment", "BatchTwoView", "TensorLoader", "create_batch_transform",
 ]

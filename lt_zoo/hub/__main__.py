@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; any failure is printed as one ``error:`` line on stderr (exit 2), never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == 'push':
@@ -34,10 +35,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                      fold_nbn=args.fold_nbn, commit_message=args.commit_message, template_path=args.template)
         else:
             write_card(args.run_dir, args.repo_id, args.out, fold_nbn=args.fold_nbn, template_path=args.template)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except KeyboardInterrupt:
+        print('error: interrupted', file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- a CLI user needs the message, not the stack
+        print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; the exception type is added unless it is an expected input error."""
+    text = ' '.join(str(e).split()) or repr(e)
+    expected = isinstance(e, (ValueError, FileNotFoundError, FileExistsError, RuntimeError))
+    return text if expected else f'{type(e).__name__}: {text}'
 
 
 if __name__ == '__main__':

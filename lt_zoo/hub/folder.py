@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from safetensors import safe_open
 
-from ..export import (CONFIG_NAME, WEIGHTS_NAME, export_model, fold_nbn_for_export, load_exported,
+from ..export import (CONFIG_NAME, WEIGHTS_NAME, ExportError, export_model, fold_nbn_for_export, load_exported,
                       plain_architecture, read_export_config)
 from .card import render_model_card
 from .run_record import EVAL_NAME, METRICS_NAME, PLOT_NAME, TRAIN_CONFIG_NAME, RunRecord
@@ -56,6 +56,8 @@ def load_checked(folder: str) -> torch.nn.Module:
             f"does not load its {WEIGHTS_NAME}")
     try:
         return load_exported(folder)
+    except ExportError:  # an unreadable file, named in the message: not a config/weights mismatch
+        raise
     except ValueError as e:  # the entrypoint refuses an option, or the stem check of the model's filter
         raise ValueError(f"{head}: {e}") from e
     except RuntimeError as e:  # torch load_state_dict: report the key differences, not the full dump

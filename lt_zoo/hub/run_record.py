@@ -49,6 +49,15 @@ def _pickles(folder: Path):
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
 
 
+def _parse(file: Path, load):
+    """``load(open(file))`` with an error naming the file when it is truncated or corrupt."""
+    try:
+        with open(file) as f:
+            return load(f)
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{file} is unreadable (truncated or corrupt): {' '.join(str(e).split())}") from None
+
+
 def read_run_dir(run_dir: str) -> RunRecord:
     """Check ``run_dir`` and read its records; raises FileNotFoundError / ValueError naming the problem."""
     path = Path(run_dir)
@@ -63,13 +72,13 @@ def read_run_dir(run_dir: str) -> RunRecord:
     if missing:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} is missing {missing} (a train/train.py run has "
                                 f"{list(REQUIRED_FILES)})")
-    with open(path / EVAL_NAME) as f:
-        ev = json.load(f)
+    ev = _parse(path / EVAL_NAME, json.load)
+    train_config = _parse(path / TRAIN_CONFIG_NAME, yaml.safe_load)
+    if not isinstance(ev, dict):
+        raise ValueError(f"{path / EVAL_NAME} is not a JSON object; expected the eval.json of train/train.py")
     absent = [k for k in EVAL_KEYS if k not in ev]
     if absent:
         raise ValueError(f"{path / EVAL_NAME} lacks key(s) {absent}; expected the eval.json of train/train.py")
-    with open(path / TRAIN_CONFIG_NAME) as f:
-        train_config = yaml.safe_load(f)
     if not isinstance(train_config, dict):
         raise ValueError(f"{path / TRAIN_CONFIG_NAME} is not a YAML mapping of config keys")
     export_config = read_export_config(os.fspath(path))

@@ -12,8 +12,8 @@ class CosineClassifier(nn.Module):
     Args:
         in_features: D, feature size.
         num_classes: C.
-        scale: s multiplying the cosines (30, GCLLoss official CIFAR stage 1, METHODS.md §4). Losses
-            that work on cosines (GCL, LDAM) receive ``logits / scale``.
+        scale: s multiplying the cosines (30, GCLLoss official CIFAR stage 1, docs/gcl.md). The head
+            owns its scale: losses that work on cosines (GCL, LDAM) read :meth:`cosine` and apply their own s.
     Shapes: x (B, D) -> (B, C).  ``weight`` is (C, D), laid out like nn.Linear (the official
     ``NormedLinear`` stores the transpose), so CAMs and tau-normalisation treat both heads alike.
     Init as the official code: U(-1, 1), then every class vector renormalised to unit length.

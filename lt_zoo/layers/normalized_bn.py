@@ -6,21 +6,44 @@ BN statistics are exactly those of ``nn.BatchNorm2d``; only the affine vectors c
 
 with gamma, beta in R^C the raw BN parameters, norms over the whole channel vector of the layer
 (computed in fp32) and alpha a learnable scalar (shared between w and b).  Source:
-yuxiangbao/NBN ``models/ResNet_NBN.py`` (shared/reference/METHODS.md §3).
+yuxiangbao/NBN ``models/ResNet_NBN.py`` (docs/normalized_bn.md).
 
 Sharing alpha: a layer either owns its ``alpha`` parameter or borrows the one of another NBN layer
-(:meth:`NormalizedBatchNorm2d.share_alpha_with`).  The borrowed parameter is not registered twice, so a
-state dict holds each alpha once and safetensors (which refuses aliased tensors) can save it.
+(:meth:`NormalizedBatchNorm2d.share_alpha_with`).  A borrower holds the owner's very Parameter as its
+``alpha`` (tied, as tied embeddings are), so TorchScript sees a plain parameter; its state dict leaves
+the borrowed key out, so a checkpoint holds each alpha once and safetensors (which refuses aliased
+tensors) can save it.  Loading re-ties a borrower to its owner (``to_empty`` unties parameters).
 """
-from typing import Optional
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 __all__ = ['NormalizedBatchNorm2d', 'fold_nbn']
 
 
+def _drop_borrowed_alpha(module: 'NormalizedBatchNorm2d', state_dict, prefix: str, local_metadata) -> None:
+    if module._alpha_owner:
+        state_dict.pop(prefix + 'alpha', None)
+
+
+def _retie_borrowed_alpha(module: 'NormalizedBatchNorm2d', state_dict, prefix: str, *args) -> None:
+    if module._alpha_owner:
+        module._parameters['alpha'] = module._alpha_owner[0].alpha
+        state_dict[prefix + 'alpha'] = module.alpha  # copied onto itself: the owner's key carries the value
+
+
+def _check_positive(name: str, value, kind=float) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if not ok or not value > 0 or (kind is float and not math.isfinite(value)):
+        what = 'a positive int' if kind is int else 'a positive finite float'
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+# A leaf for FX: its input-rank check would otherwise branch on a traced value (timm's answer for such layers).
+@register_notrace_module
 class NormalizedBatchNorm2d(nn.Module):
     """BatchNorm2d whose weight and bias are unit vectors times a learnable scalar alpha.
 
@@ -51,6 +74,13 @@ class NormalizedBatchNorm2d(nn.Module):
             dtype=None,
     ):
         super().__init__()
+        _check_positive('num_features', num_features, int)
+        _check_positive('eps', eps)
+        _check_positive('norm_eps', norm_eps)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+        if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not math.isfinite(alpha_init):
+            raise ValueError(f"alpha_init must be a finite float, got {alpha_init!r}")
         dd = {'device': device, 'dtype': dtype}
         self.num_features = num_features
         self.eps = eps
@@ -64,6 +94,8 @@ class NormalizedBatchNorm2d(nn.Module):
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long, device=device))
         # (owner,) when alpha is borrowed; a tuple keeps nn.Module from registering the owner as a child.
         self._alpha_owner: tuple = ()
+        self.register_state_dict_post_hook(_drop_borrowed_alpha)
+        self.register_load_state_dict_pre_hook(_retie_borrowed_alpha)
 
     def share_alpha_with(self, owner: 'NormalizedBatchNorm2d') -> None:
         """Use ``owner.alpha`` instead of an own parameter (one shared scalar, official code)."""
@@ -71,12 +103,12 @@ class NormalizedBatchNorm2d(nn.Module):
             return
         if not isinstance(owner, NormalizedBatchNorm2d) or owner._alpha_owner:
             raise ValueError('share_alpha_with() needs an NBN layer that owns its alpha')
-        if 'alpha' in self._parameters:
-            del self._parameters['alpha']
         self._alpha_owner = (owner,)
+        self._parameters['alpha'] = owner.alpha
 
     def get_alpha(self) -> torch.Tensor:
-        return self._alpha_owner[0].alpha if self._alpha_owner else self.alpha
+        """The (1,) alpha this layer applies: its own, or the one it shares with its owner."""
+        return self.alpha
 
     def reset_zero_weight(self) -> None:
         """Set gamma back to ones if it is all zero (e.g. after timm's ``zero_init_last``).
@@ -89,13 +121,13 @@ class NormalizedBatchNorm2d(nn.Module):
 
     def affine(self):
         """Return (w, b), each (C,), in fp32: alpha times the unit-normalised gamma and beta."""
-        alpha = self.get_alpha().float()
+        alpha = self.alpha.float()
         g, b = self.weight.float(), self.bias.float()
         return alpha * g / (g.norm() + self.norm_eps), alpha * b / (b.norm() + self.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
-            raise ValueError(f'NormalizedBatchNorm2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}')
+            raise ValueError(f'NormalizedBatchNorm2d expects a 4-D (N, C, H, W) input, got shape {x.shape}')
         w, b = self.affine()
         if self.training:
             self.num_batches_tracked.add_(1)

@@ -11,7 +11,7 @@ __all__ = ["BalancedSoftmaxLoss"]
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
     """``L = mean_i CE(z_i + log n, y_i)``; logits (B, C), target (B,) -> scalar.
 
-    BALMS ``loss/BalancedSoftmaxLoss.py`` (METHODS.md §2). ``log n`` and ``log pi`` differ by a
+    BALMS ``loss/BalancedSoftmaxLoss.py`` (docs/losses.md). ``log n`` and ``log pi`` differ by a
     constant per row, which softmax ignores, so this is :class:`LogitAdjustedLoss` with tau = 1;
     it has no options. Inference uses the plain logits.
     """

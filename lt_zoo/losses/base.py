@@ -164,8 +164,8 @@ class ClassCountLoss(nn.Module):
                              f"(index, value): {shown}")
         outside = (x.abs() > _COSINE_LIMIT).nonzero()
         shown = [(tuple(int(v) for v in p), float(x[tuple(p)])) for p in outside[:5]]
-        raise ValueError(f"{name} expects cosine similarities in [-1, 1] (divide a cosine head's "
-                         f"scaled logits by its scale); {len(outside)} values outside, (index, value): "
+        raise ValueError(f"{name} expects cosine similarities in [-1, 1] (pass the cosine head's "
+                         f"cosine(features), not its scaled logits); {len(outside)} values outside, (index, value): "
                          f"{shown}, max |value| {float(x.abs().max()):.4g}")
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Stop-gradient consistency between two predictions (SimSiam D; CBN dual-path learning, METHODS.md §6a)."""
+"""Stop-gradient consistency between two predictions (SimSiam D; CBN dual-path learning, docs/compound_bn.md)."""
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -12,7 +12,7 @@ class CrossEntropyLoss(ClassCountLoss):
     """``L = mean_i CE(z_i, y_i)``; logits (B, C), target (B,) -> scalar.
 
     ``class_counts`` is only used for the shape check (the loss ignores class frequencies).
-    label_smoothing=0.0: plain CE, the baseline of every paper in METHODS.md; with eps > 0 the
+    label_smoothing=0.0: plain CE, the baseline of every paper in docs/losses.md; with eps > 0 the
     target is (1 - eps) one-hot + eps / C, as ``torch.nn.functional.cross_entropy``.
     """
 

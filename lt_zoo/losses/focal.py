@@ -12,7 +12,7 @@ class FocalLoss(ClassCountLoss):
     """``L = mean_i (1 - p_i)^gamma * CE(z_i, y_i)`` with ``p_i = softmax(z_i)_{y_i}``.
 
     logits (B, C), target (B,) -> scalar; ``class_counts`` is only used for the shape check.
-    gamma=1.0: LDAM-DRW ``cifar_train.py`` 'Focal' baseline and GCL stage 2 (METHODS.md §4);
+    gamma=1.0: LDAM-DRW ``cifar_train.py`` 'Focal' baseline and GCL stage 2 (docs/gcl.md);
     gamma=0 is plain CE. The modulating factor keeps its gradient (LDAM-DRW ``losses.py``).
     """
 

@@ -26,7 +26,7 @@ class GCLLoss(ClassCountLoss):
         L = mean_i CE(s z_i, y_i)                    (gamma = 0)
         L = mean_i (1 - p_i)^gamma CE(s z_i, y_i), p_i = exp(-CE), factor detached   (gamma > 0)
 
-    The trainer passes the cosine head's logits divided by its scale. Noise only perturbs the loss;
+    The trainer passes the cosine head's ``cosine(features)``. Noise only perturbs the loss;
     predict with argmax cos. With all counts equal delta_hat = 0 and the loss is CE(s (cos - m e_y)).
     Noise is drawn in float32 on ``cos.device`` from ``generator`` if given (then on the
     generator's device), else from torch's global RNG -- on CPU this is the official draw
@@ -34,7 +34,7 @@ class GCLLoss(ClassCountLoss):
 
     Defaults: s=30, m=0.0, noise_mul=0.5 -- official CIFAR stage 1 (``cifar_train_backbone.py``);
     gamma=0.0. Official stage 2 (classifier re-training, ``train_cls=True``): m=0.1, s=20, gamma=1.0
-    (METHODS.md §4). ``generator`` is a runtime object, not a config value.
+    (docs/gcl.md). ``generator`` is a runtime object, not a config value.
     """
 
     expects_cosine = True

@@ -33,7 +33,7 @@ def posthoc_adjust(logits: Tensor, class_counts, tau: float = 1.0) -> Tensor:
 class LogitAdjustedLoss(ClassCountLoss):
     """``L = mean_i CE(z_i + tau * log pi, y_i)``; logits (B, C), target (B,) -> scalar.
 
-    Inference uses the plain logits. tau=1.0: google-research ``logit_adjustment`` (METHODS.md §2);
+    Inference uses the plain logits. tau=1.0: google-research ``logit_adjustment`` (docs/losses.md);
     with tau=1 this equals Balanced Softmax.
     """
 

@@ -16,9 +16,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers.create_norm import NORMS, create_norm_layer, split_norm_kwargs
-from ._builder import (BUILDER_KWARGS, HEADS, check_stem, create_head, model_name, paper_cfg,
+from ._builder import (BUILDER_KWARGS, HEADS, check_model_options, create_head, model_name, paper_cfg,
                        register_variants, setup_norms)
-from .pretrained_tags import with_pretrained_tags
+from .pretrained_tags import check_pretrained, hub_errors, with_pretrained_tags
+from .timm_weights import convert_timm_checkpoint
 
 __all__ = ['LtResNet', 'IMAGENET_DEPTHS']
 
@@ -44,6 +45,7 @@ class LtResNet(ResNet):
                  norm_setup: Optional[Callable[[nn.Module], None]] = None, **kwargs):
         if head not in HEADS:
             raise ValueError(f"invalid head {head!r}; expected one of {HEADS}")
+        check_model_options(type(self).__name__, {**kwargs, 'cosine_scale': cosine_scale})
         self.head_type = head
         self.cosine_scale = cosine_scale
         super().__init__(*args, **kwargs)
@@ -53,10 +55,12 @@ class LtResNet(ResNet):
             norm_setup(self)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        check_model_options(type(self).__name__, {'num_classes': num_classes, 'global_pool': global_pool})
         super().reset_classifier(num_classes, global_pool)
         if self.head_type != 'linear':
             p = self.conv1.weight
-            self.fc = create_head(self.head_type, self.num_features, num_classes, self.cosine_scale,
+            in_features = self.num_features * self.global_pool.feat_mult()
+            self.fc = create_head(self.head_type, in_features, num_classes, self.cosine_scale,
                                   device=p.device, dtype=p.dtype)
             self.fc.train(self.training)
 
@@ -92,11 +96,16 @@ def _create(variant: str, depth: str, norm: str, head: str, /, pretrained: bool 
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for {variant}; valid: {valid}"
                          f" plus the norm options of its norm '{norm}'")
+    check_pretrained(variant, pretrained, kwargs)
     block, layers = IMAGENET_DEPTHS[depth]
-    model = build_model_with_cfg(
-        LtResNet, variant, pretrained, block=block, layers=layers, head=head,
-        norm_layer=create_norm_layer(norm, **norm_opts), pretrained_filter_fn=check_stem,
-        norm_setup=functools.partial(setup_norms, norm=norm, norm_opts=norm_opts, last_stage='layer4'), **kwargs)
+    # timm BN checkpoints (the default tags) become this variant's norms and head while loading
+    convert = functools.partial(convert_timm_checkpoint, perturbation=norm_opts.get('perturbation'))
+    with hub_errors(variant, kwargs):
+        model = build_model_with_cfg(
+            LtResNet, variant, pretrained, block=block, layers=layers, head=head,
+            norm_layer=create_norm_layer(norm, **norm_opts), pretrained_filter_fn=convert,
+            norm_setup=functools.partial(setup_norms, norm=norm, norm_opts=norm_opts, last_stage='layer4'),
+            **kwargs)
     return model
 
 

@@ -1,28 +1,47 @@
-"""Published lt_zoo checkpoints: ``'arch.tag'`` -> pretrained-cfg overrides of the architecture's cfg.
+"""Which lt_zoo names have weights, where they come from, and what a load says when they are missing.
 
-A plain data table, edited by hand when a checkpoint goes to the Hub.  ``python -m lt_zoo.hub card RUN
---repo-id lt-zoo/NAME`` (and ``push``) print the entry of a run, ready to paste here.  Every repo lives
-at ``hf_hub_id = 'lt-zoo/<arch>.<tag>'``; timm then loads it with
+Two kinds of ``'arch.tag'`` (usage and the full table: docs/pretrained.md):
 
-    import lt_zoo, timm
-    model = timm.create_model('resnet32_cbn.fmnist_lt', pretrained=True)
+- **Converted timm ImageNet weights** (every ImageNet-depth architecture, ``resnet50_cbn.a1_in1k`` ...):
+  the repo is timm's own checkpoint of the same depth (``hf_hub_id`` of timm's default tag, e.g.
+  ``timm/resnet50.a1_in1k``); the model's ``pretrained_filter_fn`` (``lt_zoo.models.timm_weights``)
+  turns its BN layers and linear head into the architecture's NBN / CBN / cosine head while loading.
+  They are the default tag of their architecture, so ``timm.create_model('resnet50_cbn', pretrained=True)``
+  loads them.  Not trained on long-tailed data.
+- **lt_zoo-trained checkpoints** (``PRETRAINED_TAGS``, the ResNet-32 Fashion-MNIST-LT benchmark):
+  repos ``lt-zoo/<arch>.<tag>``.  Each entry records ``published``; an unpublished tag is registered
+  without a weight source (``timm.list_pretrained`` does not list it) and ``pretrained=True`` names the
+  command that trains it locally.  ``python -m lt_zoo.hub push RUN --repo-id lt-zoo/NAME`` uploads a run and
+  prints its entry; paste it here with ``published=True``.
+
+Every tag loads ``model.safetensors`` only (``hf_hub_filename``): timm would otherwise retry the pickled
+``pytorch_model.bin`` when the safetensors file is missing.
 
 Tag loading builds the model from the entrypoint's default options plus the cfg's num_classes and
 in_chans (``input_size[0]``); a checkpoint trained with other model options (e.g. ``num_components``)
 must be loaded with ``hf-hub:`` instead, which reads them from config.json ``model_args``.
 
-Why ``with_pretrained_tags`` reorders: ``timm.models.generate_default_cfgs`` makes the first tag *with
-weights* the architecture's default, and the default cfg's num_classes/in_chans become constructor
-defaults, so ``timm.create_model('resnet32_cbn')`` would silently turn into a 1-channel, 10-class model.
-The untrained cfg is therefore re-keyed ``'arch.*'`` (timm: "a tag ending in '*' marks the default")
-and placed after the published tags (a ``*`` key placed first would lose its place to the first tag
-with weights; timm/models/_registry.py ``generate_default_cfgs``).
+Why ``with_pretrained_tags`` reorders lt_zoo-trained tags: ``timm.models.generate_default_cfgs`` makes the
+first tag *with weights* the architecture's default, and the default cfg's num_classes/in_chans become
+constructor defaults, so ``timm.create_model('resnet32_cbn')`` would silently turn into a 1-channel,
+10-class model.  The untrained cfg is therefore re-keyed ``'arch.*'`` (timm: "a tag ending in '*' marks
+the default") and placed after those tags (a ``*`` key placed first would lose its place to the first tag
+with weights; timm/models/_registry.py ``generate_default_cfgs``).  Converted ImageNet tags keep the
+architecture's 1000 classes and 3 channels, so they become the default instead.
 """
-from typing import Any, Dict
+import contextlib
+from typing import Any, Dict, Iterator, Optional
 
-__all__ = ['HF_ORG', 'PRETRAINED_TAGS', 'SOURCE_RUNS', 'with_pretrained_tags']
+import timm
+from timm.models import get_pretrained_cfg
+from timm.models._builder import resolve_pretrained_cfg
+
+__all__ = ['HF_ORG', 'PRETRAINED_TAGS', 'SOURCE_RUNS', 'TIMM_SOURCE_TAGS', 'WEIGHTS_FILE', 'converted_tag',
+           'with_pretrained_tags', 'check_pretrained', 'hub_errors']
 
 HF_ORG = 'lt-zoo'
+# The only file a tag loads; timm's default would fall back to the pickled pytorch_model.bin.
+WEIGHTS_FILE = 'model.safetensors'
 
 # Label order 0..9 of Zalando's Fashion-MNIST README (= lt_zoo.data.FASHION_MNIST_CLASSES, checked by a test).
 _FASHION_MNIST_LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -49,10 +68,12 @@ _CBN = dict(paper_name='Compound Batch Normalization for Long-tailed Image Class
 _FSA = dict(paper_name='Feature Space Augmentation for Long-Tailed Data', paper_ids='arXiv:2008.03673')
 
 
-def _tag(name: str, description: str, paper: Dict[str, str], **overrides) -> Dict[str, Any]:
-    return dict(_FMNIST_LT, hf_hub_id=f'{HF_ORG}/{name}', description=description, **paper, **overrides)
+def _tag(name: str, description: str, paper: Dict[str, str], published: bool = False, **overrides) -> Dict[str, Any]:
+    return dict(_FMNIST_LT, hf_hub_id=f'{HF_ORG}/{name}', description=description, published=published, **paper,
+                **overrides)
 
 
+# No lt-zoo/... repo exists yet: every entry is published=False until `python -m lt_zoo.hub push` has run.
 PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
     'resnet32.fmnist_lt': _tag(
         'resnet32.fmnist_lt', 'ResNet-32, cross-entropy, Fashion-MNIST-LT (IF 100)', _RESNET),
@@ -71,7 +92,7 @@ PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
         'resnet32.fmnist_lt_fsa', 'ResNet-32, cross-entropy + FSA phase II, Fashion-MNIST-LT (IF 100)', _FSA),
 }
 
-# The benchmark run directory each tag is published from (train/configs/fmnist_lt/*.yaml output_dir):
+# The benchmark run directory each tag is published from; its config is train/configs/fmnist_lt/<last part>.yaml
 #   python -m lt_zoo.hub push runs/fmnist_lt/cbn --repo-id lt-zoo/resnet32_cbn.fmnist_lt
 SOURCE_RUNS: Dict[str, str] = {
     'resnet32.fmnist_lt': 'runs/fmnist_lt/ce',
@@ -83,21 +104,129 @@ SOURCE_RUNS: Dict[str, str] = {
     'resnet32.fmnist_lt_fsa': 'runs/fmnist_lt/fsa',
 }
 
+# Depth -> timm's default ImageNet tag of that depth (timm 1.0 timm/models/resnet.py default_cfgs: the first
+# tag of each depth; a test checks them against the installed timm).  The converted lt_zoo tag has its name.
+TIMM_SOURCE_TAGS: Dict[str, str] = {
+    'resnet18': 'a1_in1k',
+    'resnet34': 'a1_in1k',
+    'resnet50': 'a1_in1k',
+    'resnet101': 'a1h_in1k',
+    'resnet152': 'a1h_in1k',
+}
+# Data fields of timm's cfg that describe its weights (the model's own cfg keeps first_conv, classifier, papers).
+_TIMM_DATA_FIELDS = ('num_classes', 'input_size', 'test_input_size', 'pool_size', 'crop_pct', 'test_crop_pct',
+                     'crop_mode', 'interpolation', 'mean', 'std', 'license')
+
+
+def converted_tag(arch: str) -> Optional[str]:
+    """``'resnet50_cbn'`` -> ``'resnet50_cbn.a1_in1k'``: the tag holding timm's weights of that depth, or None."""
+    depth = arch.split('_', 1)[0]
+    tag = TIMM_SOURCE_TAGS.get(depth)
+    return None if tag is None or depth == arch else f'{arch}.{tag}'
+
+
+def _converted_cfg(arch: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    depth = arch.split('_', 1)[0]
+    tag = TIMM_SOURCE_TAGS[depth]
+    source = get_pretrained_cfg(f'{depth}.{tag}').to_dict()
+    return {
+        **cfg, **{k: source[k] for k in _TIMM_DATA_FIELDS if source.get(k) is not None},
+        'url': '', 'hf_hub_id': source['hf_hub_id'], 'hf_hub_filename': WEIGHTS_FILE,
+        'origin_url': source.get('origin_url'),
+        'description': f"timm's ImageNet-1k weights {depth}.{tag}, converted to {arch} while loading "
+                       f"(ImageNet-initialised, not trained on long-tailed data)",
+    }
+
+
+def _registered_cfg(cfg: Dict[str, Any], entry: Dict[str, Any]) -> Dict[str, Any]:
+    """The timm cfg of an lt_zoo-trained tag: no weight source until its repo is published."""
+    out = {**cfg, **{k: v for k, v in entry.items() if k != 'published'}, 'hf_hub_filename': WEIGHTS_FILE}
+    if not entry.get('published', False):
+        out.pop('hf_hub_id')
+    return out
+
 
 def with_pretrained_tags(cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """``{arch: cfg}`` -> the same cfgs plus every published ``arch.tag`` of these architectures.
+    """``{arch: cfg}`` -> the same cfgs plus every tag of these architectures, ordered for timm's default.
 
-    For an architecture with published tags the result holds ``arch.tag`` (its cfg updated with the
-    table's overrides) for each tag, then ``arch.*`` (the untouched cfg, so it stays the default of the
-    bare name).  Architectures without tags keep their single untagged entry.  Feed the result to
-    ``timm.models.generate_default_cfgs``.
+    An ImageNet-depth architecture gets its converted timm tag first (the default, with weights).  An
+    architecture with lt_zoo-trained tags gets them (published ones with their Hub repo), then ``arch.*``
+    (the untouched cfg, so it stays the default of the bare name).  Others keep their single untagged
+    entry.  Feed the result to ``timm.models.generate_default_cfgs``.
     """
     out: Dict[str, Dict[str, Any]] = {}
     for arch, cfg in cfgs.items():
         if '.' in arch:
             raise ValueError(f"with_pretrained_tags expects bare architecture names, got {arch!r}")
-        tags = {name: overrides for name, overrides in PRETRAINED_TAGS.items() if name.split('.', 1)[0] == arch}
-        for name, overrides in tags.items():
-            out[name] = {**cfg, **overrides}
-        out[f'{arch}.*' if tags else arch] = cfg
+        converted = converted_tag(arch)
+        if converted:
+            out[converted] = _converted_cfg(arch, cfg)
+        tags = {name: entry for name, entry in PRETRAINED_TAGS.items() if name.split('.', 1)[0] == arch}
+        for name, entry in tags.items():
+            out[name] = _registered_cfg(cfg, entry)
+        if not converted:
+            out[f'{arch}.*' if tags else arch] = cfg
     return out
+
+
+# ------------------------------------------------------------------------------------- load-time checks
+def _lt_zoo_pretrained() -> list:
+    return timm.list_models(module=['cifar_resnet', 'imagenet_resnet'], pretrained=True, include_tags=True)
+
+
+def _train_locally(name: str) -> str:
+    run = SOURCE_RUNS.get(name)
+    if run is None:
+        return ''
+    config = f"train/configs/fmnist_lt/{run.rsplit('/', 1)[-1]}.yaml"
+    return (f" Train it locally with `python train/train.py --config {config}` (writes {run}; a stage-2 config "
+            f"needs its stage1_dir run first), then load it with timm.create_model('local-dir:{run}', pretrained=True).")
+
+
+def check_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
+    """Before building: refuse ``pretrained=True`` when the resolved cfg has no weights, saying what exists.
+
+    ``kwargs`` are the entrypoint's (``pretrained_cfg`` = the tag timm split off the name, an overlay, ...).
+    """
+    if not pretrained:
+        return
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.has_weights or cfg.state_dict is not None:
+        return
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    entry = PRETRAINED_TAGS.get(name)
+    if entry is not None and not entry.get('published', False):
+        raise RuntimeError(
+            f"{name} is an lt_zoo checkpoint whose Hub repo {entry['hf_hub_id']} is not published yet, so "
+            f"pretrained=True has nothing to download.{_train_locally(name)} Publishing it: "
+            f"`python -m lt_zoo.hub push {SOURCE_RUNS.get(name, 'RUN_DIR')} --repo-id {entry['hf_hub_id']}`.")
+    unpublished = [n for n in PRETRAINED_TAGS if n.split('.', 1)[0] == variant]
+    raise RuntimeError(
+        f"No pretrained weights exist for {name}. lt_zoo names with weights: {', '.join(_lt_zoo_pretrained())}"
+        + (f"; lt_zoo-trained tags of {variant} not published yet: {', '.join(unpublished)}" if unpublished else '')
+        + ". Use pretrained=False for random init.")
+
+
+@contextlib.contextmanager
+def hub_errors(variant: str, kwargs: Dict[str, Any]) -> Iterator[None]:
+    """Re-raise a missing Hub file (offline miss, missing safetensors) naming the repo, the file and the fix."""
+    from huggingface_hub import constants, errors
+    try:
+        yield
+    except (errors.LocalEntryNotFoundError, errors.EntryNotFoundError, errors.RepositoryNotFoundError) as e:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        repo, file = cfg.hf_hub_id, cfg.hf_hub_filename or WEIGHTS_FILE
+        if isinstance(e, errors.RepositoryNotFoundError):
+            why = f"the Hub has no repo {repo}"
+        elif isinstance(e, errors.LocalEntryNotFoundError):
+            why = (f"{file} of {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+                   f"cannot be reached (offline)")
+        else:
+            why = f"the Hub repo {repo} has no {file}"
+        raise RuntimeError(
+            f"cannot load pretrained weights of {variant}: {why}. lt_zoo loads {WEIGHTS_FILE} only (never a pickled "
+            f"pytorch_model.bin). Provide them: on a machine with Hub access run `hf download {repo} {file}` and copy "
+            f"its models--{repo.replace('/', '--')} folder into HF_HUB_CACHE, or pass "
+            f"pretrained_cfg_overlay=dict(file='/path/to/{file}').") from e

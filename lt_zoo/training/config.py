@@ -1,111 +1,197 @@
-"""Training configuration: every key, its default and what it means, in one table.
+"""Training configuration: typed sections, every key with its default and one-line meaning.
 
-A run is configured by a YAML file (``--config``) plus ``--key value`` overrides on the command line;
-unknown keys are refused with the list of valid ones.  The resolved config is saved in the run
-directory as ``config.yaml`` so that the run can be repeated and resumed.
+A run is configured by a YAML file (``--config``, with optional ``base:`` inheritance) plus
+``--key value`` overrides; both use the flat key names below, and unknown keys are refused with the
+list of valid ones.  :func:`load_config` returns the validated flat dict (saved as ``config.yaml`` in
+the run directory); :func:`sections` turns it into one dataclass per concern, and each part of the
+trainer receives only its own section.  Defaults follow the CIFAR-LT recipes of the papers each line
+names (see the repository's docs/training.md).
+
+This module imports only the standard library and PyYAML, so ``train/train.py --help`` and config
+errors answer before torch is loaded.
 """
 import argparse
 import copy
+import dataclasses
 import difflib
+import math
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-__all__ = ['DEFAULTS', 'STAGES', 'METHODS', 'load_config', 'read_config_file', 'validate_config', 'describe_keys']
+__all__ = ['DEFAULTS', 'SCHEMA', 'SECTIONS', 'STAGES', 'METHODS', 'TRAINING_STAGES', 'TrainConfig', 'sections',
+           'load_config', 'read_config_file', 'validate_config', 'describe_keys', 'build_parser']
 
 STAGES = ('stage1', 'crt', 'lws', 'tau_norm', 'fsa')
+TRAINING_STAGES = ('stage1', 'crt', 'lws', 'fsa')  # stages that run the epoch loop (tau_norm does not train)
 
 # Method labels name the recipe in run outputs and model cards (tags, citation).
 METHODS = ('ce', 'ce_balanced', 'focal', 'class_balanced', 'ldam_drw', 'logit_adjust', 'balanced_softmax',
            'gcl', 'nbn', 'cbn', 'crt', 'lws', 'tau_norm', 'fsa')
 
-# key: (default, description).  Defaults follow the CIFAR-LT recipes cited in METHODS.md unless noted.
-SCHEMA: Dict[str, Tuple[Any, str]] = {
-    # run
-    'method': ('ce', f'recipe label recorded in outputs and model cards; one of {METHODS}'),
-    'stage': ('stage1', f'stage1 (representation + classifier) or a stage-2 mode: {STAGES[1:]}'),
-    'output_dir': ('runs/run', 'run directory (refused if it exists, unless resume or overwrite)'),
-    'seed': (0, 'seed of model init, augmentation and samplers'),
-    'deterministic': (False, 'torch.use_deterministic_algorithms(True) for bit-exact resumes'),
-    'overwrite': (False, 'replace an existing run directory'),
-    'resume': (None, "'latest' or a checkpoint directory to continue from"),
-    'stop_after_epoch': (None, 'end this process after saving epoch N (pre-emption; continue with resume)'),
-    'cpu': (False, 'force CPU even when a GPU is present'),
-    # data
-    'dataset': ('digits', "built-in 'digits'/'fashion_mnist', a Hub name, or imagefolder/parquet/arrow/disk/listfile"),
-    'data_dir': (None, 'folder for imagefolder/disk/listfile sources'),
-    'data_files': (None, 'files for parquet/arrow sources: a path or {train: ..., test: ...}'),
-    'image_column': (None, 'image column (detected: image/img)'),
-    'label_column': (None, 'label column (detected: label/labels/fine_label)'),
-    'train_split': ('train', 'split used for training'),
-    'test_split': ('test', 'split used for evaluation (balanced test set)'),
-    'imbalance_factor': (100.0, 'n_max / n_min of the long-tailed subset; 1 keeps the data as it is (Cao et al.)'),
-    'lt_profile': ('exp', "'exp' (Cao et al. CIFAR-LT) or 'step'"),
-    'lt_selection': ('cao2019', "'cao2019' (np.random.seed + shuffle, LDAM-DRW) or 'rng'"),
-    'lt_seed': (0, 'seed of the subset selection (0: LDAM-DRW/GCL/NBN code)'),
-    'balanced_subset': (False, 'train on a class-balanced subset of the same total size as the LT subset'),
-    'input_size': (32, 'square input side in pixels (CIFAR: 32)'),
-    'in_chans': (None, 'input channels; default: 1 for grayscale datasets, else 3'),
-    'hflip': (True, 'random horizontal flip in the weak view'),
-    'pad': (4, 'padding of the random crop (CIFAR: 4)'),
-    'train_crop': ('pad', "'pad' (CIFAR pad-and-crop) or 'random_resized' (ImageNet RandomResizedCrop)"),
-    'crop_pct': (1.0, 'eval centre-crop fraction (ImageNet: 0.875 = resize 256, crop 224)'),
-    'strong_aug': ('autoaugment', "strong view policy: 'autoaugment' (CIFAR10 policy) or 'randaugment'"),
-    'normalize': ('dataset', "'dataset' (mean/std of the training split) or 'model' (the model's pretrained cfg)"),
-    'num_workers': (0, 'DataLoader workers'),
-    # model
-    'model': (None, 'timm model name, required in stage 1 (import lt_zoo registers the lt_zoo ones); '
-                    'stage 2 uses the stage-1 architecture and a given name must match it'),
-    'model_kwargs': ({}, 'extra model options, e.g. {num_components: 4} or {nbn_scope: all}'),
-    # optimisation
-    'epochs': (200, 'training epochs (GCL/LDAM CIFAR recipe: 200)'),
-    'batch_size': (128, 'per-process batch size (CBN paper: 128)'),
-    'lr': (0.1, 'peak learning rate (LDAM/GCL: 0.1)'),
-    'momentum': (0.9, 'SGD momentum'),
-    'nesterov': (False, 'Nesterov momentum'),
-    'weight_decay': (2e-4, 'SGD weight decay (LDAM/GCL CIFAR: 2e-4)'),
-    'warmup_epochs': (5, 'linear warm-up epochs (LDAM/GCL: 5)'),
-    'scheduler': ('cosine', "'cosine' to 0, 'step' (x0.1 at each lr_steps epoch) or 'constant'"),
-    'lr_steps': ([160, 180], 'epochs of the x0.1 steps for the step scheduler (LDAM/GCL)'),
-    'gradient_accumulation_steps': (1, 'micro-batches per optimizer step'),
-    'mixed_precision': ('no', "'no', 'bf16' or 'fp16' (Accelerate)"),
-    'grad_clip': (None, 'max gradient norm, or none'),
-    # loss and sampling
-    'loss': ('ce', 'loss name from lt_zoo.losses.list_losses()'),
-    'loss_kwargs': ({}, 'loss options (e.g. {tau: 1.0}); class counts are passed automatically'),
-    'sampler': ('instance', 'sampler name from lt_zoo.samplers.list_samplers()'),
-    'sampler_kwargs': ({}, 'sampler options (e.g. {beta: 0.9999})'),
-    'mixup_alpha': (0.0, 'mixup Beta(alpha, alpha); 0 = off (GCL stage 1 and 2: 1.0)'),
-    # CBN dual path (METHODS.md §6a)
-    'dual_path': (False, 'CBN dual-path learning: weak and strong views through the compound and split paths'),
-    'dual_cls_views': (['strong'], "views whose logits get the classification loss ('weak', 'strong')"),
-    'dual_cls_paths': (['compound', 'split'], "paths whose logits get the classification loss"),
-    'consistency_weight': (0.1, 'weight of the stop-gradient cosine consistency (CBN paper: constants 0.1)'),
-    'consistency_views': (['weak', 'strong'], 'views on which the compound and split paths are made consistent'),
-    # stage 2
-    'stage1_dir': (None, 'run directory of the stage-1 model (model.safetensors + config.json)'),
-    'reinit_classifier': (False, 'cRT: re-initialise the classifier (Kang et al.) instead of starting from stage 1 (GCL)'),
-    'tau': (1.0, 'tau-normalisation exponent (Kang et al.: tuned, 1.0 is a common default)'),
-    'fsa_tau_s': (0.8, 'FSA CAM threshold of class-specific features (unofficial configs; paper silent)'),
-    'fsa_tau_g': (0.2, 'FSA CAM threshold of class-generic features (unofficial configs; paper silent)'),
-    'fsa_num_confusing': (3, 'FSA N_f = N_a confusing classes per tail sample (paper §5.1: 3)'),
-    'fsa_head_ratio': (0.9, 'FSA h_r, sample share of the head classes (paper §5.4: 0.9)'),
-    'fsa_tail_per_batch': (16, 'FSA N_t real tail samples per phase-II batch (paper: 16 -> batch 128)'),
-    'fsa_iterations': (6400, 'FSA phase-II iterations (paper CIFAR: 6,400)'),
-    'fsa_lr': (0.001, 'FSA phase-II fixed learning rate (paper: 0.001)'),
-    # evaluation and logging
-    'eval_every': (1, 'evaluate on the test split every N epochs (the last epoch always)'),
-    'many_threshold': (100, 'many-shot: more than this many training images (OLTR/Kang et al.)'),
-    'few_threshold': (20, 'few-shot: fewer than this many training images'),
-    'log_with': (None, "Accelerate tracker, e.g. 'tensorboard'"),
-    'save_checkpoints': (True, 'save the Accelerate state every epoch (needed for resume)'),
-    'keep_checkpoints': (2, 'number of epoch checkpoints kept'),
-    'progress': (True, 'tqdm progress bar on the main process'),
-}
 
+def _key(default: Any, help: str):
+    """A config key: its default (copied per instance when mutable) and its one-line meaning."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={'help': help})
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class RunConfig:
+    method: str = _key('ce', f'recipe label recorded in outputs and model cards; one of {METHODS}')
+    stage: str = _key('stage1', f'stage1 (representation + classifier) or a stage-2 mode: {STAGES[1:]}')
+    output_dir: str = _key('runs/run', 'run directory (refused if it exists, unless resume or overwrite)')
+    seed: int = _key(0, 'seed of model init, augmentation and samplers')
+    deterministic: bool = _key(False, 'torch.use_deterministic_algorithms(True) for bit-exact resumes')
+    overwrite: bool = _key(False, 'replace an existing run directory')
+    resume: Optional[str] = _key(None, "'latest' or a checkpoint directory to continue from")
+    stop_after_epoch: Optional[int] = _key(None, 'end this process after saving epoch N (pre-emption; '
+                                                 'continue with resume)')
+    cpu: bool = _key(False, 'force CPU even when a GPU is present')
+    compile: bool = _key(False, 'torch.compile the trained module, any stage (results agree with eager within '
+                                'fp32 tolerance)')
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _key('digits', "built-in 'digits'/'fashion_mnist', a Hub name, or "
+                                  "imagefolder/parquet/arrow/disk/listfile")
+    data_dir: Optional[str] = _key(None, 'folder for imagefolder/disk/listfile sources')
+    data_files: Any = _key(None, 'files for parquet/arrow sources: a path or {train: ..., test: ...}')
+    image_column: Optional[str] = _key(None, 'image column (detected: image/img)')
+    label_column: Optional[str] = _key(None, 'label column (detected: label/labels/fine_label)')
+    train_split: str = _key('train', 'split used for training')
+    test_split: str = _key('test', 'split used for evaluation (balanced test set)')
+    imbalance_factor: float = _key(100.0, 'n_max / n_min of the long-tailed subset; 1 keeps the data as it is '
+                                          '(Cao et al.)')
+    lt_profile: str = _key('exp', "'exp' (Cao et al. CIFAR-LT) or 'step'")
+    lt_selection: str = _key('cao2019', "'cao2019' (np.random.seed + shuffle, LDAM-DRW) or 'rng'")
+    lt_seed: int = _key(0, 'seed of the subset selection (0: LDAM-DRW/GCL/NBN code)')
+    balanced_subset: bool = _key(False, 'train on a class-balanced subset of the same total size as the LT subset')
+    input_size: int = _key(32, 'square input side in pixels (CIFAR: 32)')
+    in_chans: Optional[int] = _key(None, 'input channels; default: 1 for grayscale datasets, else 3')
+    hflip: bool = _key(True, 'random horizontal flip in the weak view')
+    pad: int = _key(4, 'padding of the random crop (CIFAR: 4)')
+    train_crop: str = _key('pad', "'pad' (CIFAR pad-and-crop) or 'random_resized' (ImageNet RandomResizedCrop)")
+    crop_pct: float = _key(1.0, 'eval centre-crop fraction (ImageNet: 0.875 = resize 256, crop 224)')
+    strong_aug: str = _key('autoaugment', "strong view policy: 'autoaugment' (CIFAR10 policy) or 'randaugment'")
+    normalize: str = _key('dataset', "'dataset' (mean/std of the training split) or 'model' (the model's "
+                                     "pretrained cfg)")
+    num_workers: int = _key(0, 'DataLoader workers')
+
+
+@dataclass
+class ModelConfig:
+    model: Optional[str] = _key(None, 'timm model name, required in stage 1 (import lt_zoo registers the lt_zoo '
+                                      'ones); stage 2 uses the stage-1 architecture and a given name must match it')
+    model_kwargs: Dict[str, Any] = _key({}, 'extra model options, e.g. {num_components: 4} or {nbn_scope: all}')
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _key(200, 'training epochs (GCL/LDAM CIFAR recipe: 200)')
+    batch_size: int = _key(128, 'per-process batch size (CBN paper: 128)')
+    lr: float = _key(0.1, 'peak learning rate (LDAM/GCL: 0.1)')
+    momentum: float = _key(0.9, 'SGD momentum')
+    nesterov: bool = _key(False, 'Nesterov momentum')
+    weight_decay: float = _key(2e-4, 'SGD weight decay (LDAM/GCL CIFAR: 2e-4)')
+    warmup_epochs: int = _key(5, 'linear warm-up epochs (LDAM/GCL: 5)')
+    scheduler: str = _key('cosine', "'cosine' to 0, 'step' (x0.1 at each lr_steps epoch) or 'constant'")
+    lr_steps: List[int] = _key([160, 180], 'epochs of the x0.1 steps for the step scheduler (LDAM/GCL)')
+    gradient_accumulation_steps: int = _key(1, 'micro-batches per optimizer step')
+    mixed_precision: str = _key('no', "'no', 'bf16' or 'fp16' (Accelerate)")
+    grad_clip: Optional[float] = _key(None, 'max gradient norm, or none')
+
+
+@dataclass
+class LossConfig:
+    loss: str = _key('ce', 'loss name from lt_zoo.losses.list_losses()')
+    loss_kwargs: Dict[str, Any] = _key({}, 'loss options (e.g. {tau: 1.0}); class counts are passed automatically')
+    sampler: str = _key('instance', 'sampler name from lt_zoo.samplers.list_samplers()')
+    sampler_kwargs: Dict[str, Any] = _key({}, 'sampler options (e.g. {beta: 0.9999})')
+    mixup_alpha: float = _key(0.0, 'mixup Beta(alpha, alpha); 0 = off (GCL stage 1 and 2: 1.0)')
+
+
+@dataclass
+class DualPathConfig:  # CBN dual-path learning (Cheng et al. ACM MM'22 §3.4; docs/compound_bn.md)
+    dual_path: bool = _key(False, 'CBN dual-path learning: weak and strong views through the compound and '
+                                  'split paths')
+    dual_cls_views: List[str] = _key(['strong'], "views whose logits get the classification loss "
+                                                 "('weak', 'strong')")
+    dual_cls_paths: List[str] = _key(['compound', 'split'], 'paths whose logits get the classification loss')
+    consistency_weight: float = _key(0.1, 'weight of the stop-gradient cosine consistency (CBN paper: constants '
+                                          '0.1)')
+    consistency_views: List[str] = _key(['weak', 'strong'], 'views on which the compound and split paths are '
+                                                            'made consistent')
+
+
+@dataclass
+class Stage2Config:
+    stage1_dir: Optional[str] = _key(None, 'run directory of the stage-1 model (model.safetensors + config.json)')
+    reinit_classifier: bool = _key(False, 'cRT: re-initialise the classifier (Kang et al.) instead of starting '
+                                          'from stage 1 (GCL)')
+    tau: float = _key(1.0, 'tau-normalisation exponent (Kang et al.: tuned, 1.0 is a common default)')
+    fsa_tau_s: float = _key(0.8, 'FSA CAM threshold of class-specific features (unofficial configs; paper silent)')
+    fsa_tau_g: float = _key(0.2, 'FSA CAM threshold of class-generic features (unofficial configs; paper silent)')
+    fsa_num_confusing: int = _key(3, 'FSA N_f = N_a confusing classes per tail sample (paper §5.1: 3)')
+    fsa_head_ratio: float = _key(0.9, 'FSA h_r, sample share of the head classes (paper §5.4: 0.9)')
+    fsa_tail_per_batch: int = _key(16, 'FSA N_t real tail samples per phase-II batch (paper: 16 -> batch 128)')
+    fsa_iterations: int = _key(6400, 'FSA phase-II iterations in all, spread over the epochs (paper CIFAR: 6,400)')
+    fsa_lr: float = _key(0.001, 'FSA phase-II fixed learning rate (paper: 0.001)')
+
+
+@dataclass
+class LogConfig:
+    eval_every: int = _key(1, 'evaluate on the test split every N epochs (the last epoch always)')
+    many_threshold: int = _key(100, 'many-shot: more than this many training images (OLTR/Kang et al.)')
+    few_threshold: int = _key(20, 'few-shot: fewer than this many training images')
+    log_with: Optional[str] = _key(None, "Accelerate tracker, e.g. 'tensorboard'")
+    save_checkpoints: bool = _key(True, 'save the training state every epoch (needed for resume)')
+    keep_checkpoints: int = _key(2, 'number of epoch checkpoints kept')
+    progress: bool = _key(True, 'tqdm progress bar on the main process')
+
+
+# section name -> dataclass; the flat key space is the union of their fields (names are unique).
+SECTIONS = {'run': RunConfig, 'data': DataConfig, 'model': ModelConfig, 'optim': OptimConfig,
+            'loss': LossConfig, 'dual_path': DualPathConfig, 'stage2': Stage2Config, 'log': LogConfig}
+
+
+@dataclass
+class TrainConfig:
+    """One run's configuration, one typed section per concern."""
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    optim: OptimConfig
+    loss: LossConfig
+    dual_path: DualPathConfig
+    stage2: Stage2Config
+    log: LogConfig
+
+
+def _schema() -> Dict[str, Tuple[Any, str]]:
+    out: Dict[str, Tuple[Any, str]] = {}
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out[f.name] = (default, f.metadata['help'])
+    return out
+
+
+SCHEMA: Dict[str, Tuple[Any, str]] = _schema()  # key: (default, meaning), in section order
 DEFAULTS: Dict[str, Any] = {k: v[0] for k, v in SCHEMA.items()}
+
+
+def sections(cfg: Dict[str, Any]) -> TrainConfig:
+    """A validated flat config -> :class:`TrainConfig` (each section a fresh copy)."""
+    cfg = copy.deepcopy(cfg)
+    return TrainConfig(**{name: cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+                          for name, cls in SECTIONS.items()})
+
 
 _CHOICES = {
     'stage': STAGES, 'method': METHODS, 'lt_profile': ('exp', 'step'), 'lt_selection': ('cao2019', 'rng'),
@@ -114,6 +200,21 @@ _CHOICES = {
     'train_crop': ('pad', 'random_resized'),
 }
 _VIEWS, _PATHS = ('weak', 'strong'), ('compound', 'split')
+_BOOLS = ('deterministic', 'overwrite', 'cpu', 'compile', 'balanced_subset', 'hflip', 'nesterov', 'dual_path',
+          'reinit_classifier', 'save_checkpoints', 'progress')
+
+# (key, lowest, highest, low_open, high_open) for integers and for reals: one table, one message format.
+_INT_RANGES = [('epochs', 0, None), ('batch_size', 1, None), ('gradient_accumulation_steps', 1, None),
+               ('eval_every', 1, None), ('keep_checkpoints', 1, None), ('fsa_num_confusing', 1, None),
+               ('fsa_tail_per_batch', 1, None), ('fsa_iterations', 1, None), ('num_workers', 0, None),
+               ('input_size', 1, None), ('seed', 0, None), ('lt_seed', 0, None), ('pad', 0, None),
+               ('warmup_epochs', 0, None), ('many_threshold', 0, None), ('few_threshold', 0, None)]
+_REAL_RANGES = [('lr', 0.0, None, True, False), ('momentum', 0.0, 1.0, False, True),
+                ('weight_decay', 0.0, None, False, False), ('mixup_alpha', 0.0, None, False, False),
+                ('consistency_weight', 0.0, None, False, False), ('imbalance_factor', 1.0, None, False, False),
+                ('crop_pct', 0.0, 1.0, True, False), ('fsa_tau_s', 0.0, 1.0, False, False),
+                ('fsa_tau_g', 0.0, 1.0, False, False), ('fsa_head_ratio', 0.0, 1.0, True, True),
+                ('fsa_lr', 0.0, None, True, False), ('tau', None, None, False, False)]
 
 
 def describe_keys() -> str:
@@ -166,51 +267,111 @@ def _parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_ranges(cfg: Dict[str, Any]) -> None:
+    for key, low, high in _INT_RANGES:
+        v = cfg[key]
+        if not _is_int(v) or v < low or (high is not None and v > high):
+            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+    for key, low, high, low_open, high_open in _REAL_RANGES:
+        v = cfg[key]
+        bad = not _is_real(v) or (low is not None and (v <= low if low_open else v < low)) \
+            or (high is not None and (v >= high if high_open else v > high))
+        if bad:
+            lo = '-inf' if low is None else f'{low:g}'
+            hi = 'inf' if high is None else f'{high:g}'
+            interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+            raise ValueError(f"{key} must be a finite number in {interval}, got {v!r}")
+    for key in _BOOLS:
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg['grad_clip'] is not None and not (_is_real(cfg['grad_clip']) and cfg['grad_clip'] > 0):
+        raise ValueError(f"grad_clip must be a number > 0 or null, got {cfg['grad_clip']!r}")
+    if cfg['stop_after_epoch'] is not None and not (_is_int(cfg['stop_after_epoch']) and cfg['stop_after_epoch'] >= 1):
+        raise ValueError(f"stop_after_epoch must be an integer >= 1 or null, got {cfg['stop_after_epoch']!r}")
+    if not isinstance(cfg['lr_steps'], list) or not all(_is_int(s) and s >= 1 for s in cfg['lr_steps']):
+        raise ValueError(f"lr_steps must be a list of epochs >= 1, got {cfg['lr_steps']!r}")
+    if cfg['few_threshold'] > cfg['many_threshold']:
+        raise ValueError(f"few_threshold ({cfg['few_threshold']}) must not exceed many_threshold "
+                         f"({cfg['many_threshold']})")
+
+
+def _check_combinations(cfg: Dict[str, Any]) -> None:
+    """Refuse key combinations the trainer does not implement, saying what is supported."""
+    stage = cfg['stage']
+    if stage in TRAINING_STAGES and cfg['epochs'] < 1:
+        raise ValueError(f"stage {stage!r} trains, so epochs must be >= 1, got {cfg['epochs']}")
+    if stage in TRAINING_STAGES and cfg['warmup_epochs'] and cfg['warmup_epochs'] >= cfg['epochs']:
+        raise ValueError(f"warmup_epochs ({cfg['warmup_epochs']}) must be < epochs ({cfg['epochs']})")
+    if cfg['stop_after_epoch'] is not None and not cfg['save_checkpoints']:
+        raise ValueError('stop_after_epoch needs save_checkpoints: true, or the run could not be resumed')
+    if stage != 'stage1' and not cfg['stage1_dir']:
+        raise ValueError(f"stage {stage!r} needs stage1_dir (a stage-1 run directory)")
+    if cfg['resume'] is not None and cfg['overwrite']:
+        raise ValueError('resume and overwrite exclude each other')
+    if cfg['dual_path'] and stage != 'stage1':
+        raise ValueError(f"dual_path is a stage-1 method; stage {stage!r} trains only the classifier on "
+                         f"frozen features: set dual_path: false")
+    if cfg['dual_path'] and cfg['mixup_alpha'] > 0:
+        raise ValueError(f"mixup_alpha={cfg['mixup_alpha']} with dual_path is not implemented (the dual path "
+                         f"classifies two augmented views, unmixed); use mixup_alpha: 0 or dual_path: false")
+    if stage in ('tau_norm', 'fsa'):
+        what = 'tau_norm rescales the trained classifier without training' if stage == 'tau_norm' else \
+            'FSA phase II draws its own class-balanced batches and trains with cross-entropy (Chu et al.)'
+        used = {k: cfg[k] for k in ('sampler', 'sampler_kwargs', 'mixup_alpha', 'loss', 'loss_kwargs')
+                if cfg[k] != DEFAULTS[k]}
+        if used:
+            raise ValueError(f"stage {stage!r} does not use {sorted(used)} ({what}); got {used}, supported: "
+                             f"the defaults {({k: DEFAULTS[k] for k in used})}")
+    if stage == 'fsa' and cfg['fsa_iterations'] < cfg['epochs']:
+        raise ValueError(f"fsa_iterations ({cfg['fsa_iterations']}) are spread over the epochs, so they must be "
+                         f">= epochs ({cfg['epochs']})")
+
+
 def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Type- and choice-check a full config; returns it.  Errors name the key, value and expectation."""
+    """Type-, range- and choice-check a full config; returns it.  Errors name the key, value and expectation."""
     for key in cfg:
         if key not in SCHEMA:
             raise _unknown_key_error(key, 'config')
     for key, choices in _CHOICES.items():
         if cfg[key] not in choices:
             raise ValueError(f"invalid {key} {cfg[key]!r}; expected one of {choices}")
-    for key in ('epochs', 'batch_size', 'gradient_accumulation_steps', 'eval_every', 'keep_checkpoints',
-                'fsa_num_confusing', 'fsa_tail_per_batch', 'fsa_iterations', 'num_workers', 'input_size'):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
-            raise ValueError(f"{key} must be a non-negative integer, got {cfg[key]!r}")
-    for key in ('batch_size', 'gradient_accumulation_steps', 'eval_every', 'input_size'):
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1, got {cfg[key]!r}")
-    for key in ('lr', 'weight_decay', 'momentum', 'mixup_alpha', 'consistency_weight', 'imbalance_factor'):
-        if not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool) or cfg[key] < 0:
-            raise ValueError(f"{key} must be a non-negative number, got {cfg[key]!r}")
-    if cfg['imbalance_factor'] < 1:
-        raise ValueError(f"imbalance_factor must be >= 1, got {cfg['imbalance_factor']!r}")
     for key in ('model_kwargs', 'loss_kwargs', 'sampler_kwargs'):
         if not isinstance(cfg[key], dict):
             raise ValueError(f"{key} must be a mapping, got {cfg[key]!r}")
     for key, valid in (('dual_cls_views', _VIEWS), ('consistency_views', _VIEWS), ('dual_cls_paths', _PATHS)):
-        bad = [v for v in cfg[key] if v not in valid]
-        if not isinstance(cfg[key], list) or bad:
+        if not isinstance(cfg[key], list) or any(v not in valid for v in cfg[key]):
             raise ValueError(f"{key} must be a list drawn from {valid}, got {cfg[key]!r}")
     if cfg['in_chans'] not in (None, 1, 3):
         raise ValueError(f"in_chans must be 1, 3 or null, got {cfg['in_chans']!r}")
-    if cfg['stop_after_epoch'] is not None and not cfg['save_checkpoints']:
-        raise ValueError('stop_after_epoch needs save_checkpoints: true, or the run could not be resumed')
-    if cfg['stage'] != 'stage1' and not cfg['stage1_dir']:
-        raise ValueError(f"stage {cfg['stage']!r} needs stage1_dir (a stage-1 run directory)")
-    if cfg['resume'] is not None and cfg['overwrite']:
-        raise ValueError('resume and overwrite exclude each other')
+    _check_ranges(cfg)
+    _check_combinations(cfg)
     return cfg
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """``--config`` plus the help text listing every key with its default and meaning."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f'{name}:')
+        lines += [f'  --{f.name} (default {SCHEMA[f.name][0]!r}): {SCHEMA[f.name][1]}' for f in dataclasses.fields(cls)]
+    return argparse.ArgumentParser(description='Train an lt_zoo model (any stage, any method).',
+                                   epilog='Every config key can be given as --key value (or in the YAML file):\n'
+                                          + '\n'.join(lines),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def load_config(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """``--config FILE [--key value ...]`` -> validated config dict (defaults filled in)."""
-    parser = argparse.ArgumentParser(description='Train an lt_zoo model (any stage, any method).',
-                                     epilog='Every config key can be given as --key value. Keys:\n'
-                                            + '\n'.join(f'  {k}: {v[1]}' for k, v in SCHEMA.items()),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', help='YAML config file')
+    """``--config FILE [--key value ...]`` -> validated flat config dict (defaults filled in)."""
+    parser = build_parser()
+    parser.add_argument('--config', help='YAML config file (keys as below; base: FILE inherits)')
     args, rest = parser.parse_known_args(argv)
     cfg = copy.deepcopy(DEFAULTS)
     if args.config:

@@ -1,4 +1,4 @@
-"""CBN dual-path learning (Cheng et al. ACM MM'22 §3.4; shared/reference/METHODS.md §6a).
+"""CBN dual-path learning (Cheng et al. ACM MM'22 §3.4; docs/compound_bn.md).
 
 One network, two normalisation paths that share every other weight: the compound path (the mixture,
 the only path at test time) and the class-aware split path.  A weak and a strong view of each image go
@@ -8,6 +8,13 @@ vectors enter each term is not stated; the options of :class:`DualPathLoss` name
 default to: classification on the strong view through both paths, and a symmetric consistency
 0.5 [D(c_v, sg(s_v)) + D(s_v, sg(c_v))] between the compound (c) and split (s) logits of every view v,
 weighted by 0.1 (the paper's "constants all set to 0.1").
+
+Cost.  A dual-path step runs one network forward (and backward) per (path, view) pair the loss reads,
+``DualPathLoss.required_outputs``: with the defaults all four (compound/split x weak/strong), i.e. 4x
+the forwards of a single-view step, 2 of them through the split path.  A cost of about 1.33x that of
+a plain BN step cannot come from this schedule; it can only describe the per-layer overhead of the
+CBN statistics at an equal number of forwards.  Fewer forwards: ``consistency_views: [strong]`` (2
+forwards, strong view through both paths) or ``consistency_weight: 0`` with one path (1 forward).
 """
 from typing import Callable, Dict, Optional, Sequence
 
@@ -22,18 +29,16 @@ __all__ = ['DualPathModel', 'DualPathLoss', 'dual_path_keys']
 
 def dual_path_keys(cls_views: Sequence[str], cls_paths: Sequence[str], consistency_views: Sequence[str],
                    consistency_weight: float):
-    """The (path, view) forwards a step needs, as 'path_view' strings."""
-    keys = {f'{p}_{v}' for p in cls_paths for v in cls_views}
-    if consistency_weight > 0:
-        keys |= {f'{p}_{v}' for p in ('compound', 'split') for v in consistency_views}
-    return sorted(keys)
+    """The (path, view) forwards a step needs, as 'path_view' strings (= ``DualPathLoss(...).required_outputs``)."""
+    return DualPathLoss(None, cls_views, cls_paths, consistency_views, consistency_weight).required_outputs
 
 
 class DualPathModel(nn.Module):
     """Wraps a CBN model so that one ``forward`` runs every needed (path, view) pass.
 
     One forward per backward is what DDP supports; the split path is switched on with
-    ``lt_zoo.split_norm`` around the inner calls.
+    ``lt_zoo.split_norm`` around the inner calls.  ``keys`` come from the loss
+    (``DualPathLoss.required_outputs``), so model and loss cannot disagree on what is computed.
     Shapes: x_weak, x_strong (B, C, H, W), targets (B,) -> {'compound_weak': (B, K), ...};
     ``forward(x)`` alone is the compound path (evaluation) -> (B, K).
     """
@@ -75,6 +80,12 @@ class DualPathLoss(nn.Module):
         self.cls_keys = [f'{p}_{v}' for p in cls_paths for v in cls_views]
         self.consistency_views = list(consistency_views) if consistency_weight > 0 else []
         self.consistency_weight = float(consistency_weight)
+
+    @property
+    def required_outputs(self):
+        """The 'path_view' logits :meth:`forward` reads, sorted; :class:`DualPathModel` produces exactly these."""
+        keys = set(self.cls_keys) | {f'{p}_{v}' for p in ('compound', 'split') for v in self.consistency_views}
+        return sorted(keys)
 
     def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         terms = {f'cls_{k}': self.cls_loss(logits[k], targets) for k in self.cls_keys}

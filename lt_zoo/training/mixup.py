@@ -11,7 +11,7 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: Optio
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """x (B, ...), y (B,) -> (lam*x + (1-lam)*x[perm], y, y[perm], lam), lam ~ Beta(alpha, alpha).
 
-    alpha = 1.0 in GCL's code (METHODS.md §4).  alpha <= 0 returns the batch unchanged with lam = 1.
+    alpha = 1.0 in GCL's code (docs/gcl.md).  alpha <= 0 returns the batch unchanged with lam = 1.
     """
     if alpha <= 0:
         return x, y, y, 1.0

@@ -1,10 +1,10 @@
-"""The run directory: refuse to clobber it, save epoch checkpoints atomically, find the latest one.
+"""The run directory: refuse to clobber it, list its epoch checkpoints, keep metrics.jsonl consistent.
 
 Layout::
 
     RUN/config.yaml              resolved config
     RUN/metrics.jsonl            one JSON line per epoch
-    RUN/checkpoints/epoch_0003/  Accelerate state (model, optimizer, scheduler, RNG, trainer state)
+    RUN/checkpoints/epoch_0003/  epoch checkpoint (lt_zoo.training.checkpoint: safetensors + JSON)
     RUN/eval.json                final evaluation
     RUN/per_class_accuracy.png   per-class accuracy against training count
     RUN/model.safetensors, RUN/config.json   timm export (lt_zoo.export)
@@ -14,17 +14,22 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
-__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'resolve_resume', 'commit_checkpoint', 'truncate_metrics',
-           'TrainState']
+__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'truncate_metrics', 'CHECKPOINTS']
 
+CHECKPOINTS = 'checkpoints'
 _CKPT = re.compile(r'^epoch_(\d{4,})$')
+
+
+def checkpoint_name(epoch: int) -> str:
+    """Folder name of the checkpoint taken after ``epoch`` epochs: ``epoch_0003``."""
+    return f'epoch_{epoch:04d}'
 
 
 def checkpoint_dirs(run_dir: str) -> List[Path]:
     """Complete epoch checkpoints, oldest first (incomplete ones live under a temporary name)."""
-    root = Path(run_dir) / 'checkpoints'
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
@@ -34,7 +39,8 @@ def checkpoint_dirs(run_dir: str) -> List[Path]:
 def prepare_run_dir(run_dir: str, *, resume: Optional[str], overwrite: bool) -> None:
     """Refuse an existing, non-empty run directory unless resuming or explicitly overwriting.
 
-    Called after the config and data were validated, so a bad option never deletes a previous run.
+    Called after the config, the data and the resume checkpoint were validated, so bad input never
+    deletes a previous run.
     """
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
@@ -48,49 +54,29 @@ def prepare_run_dir(run_dir: str, *, resume: Optional[str], overwrite: bool) -> 
     path.mkdir(parents=True, exist_ok=True)
 
 
-def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[Path]:
-    """'latest' -> newest complete checkpoint of the run (None if the run has none yet); a path -> itself."""
-    if resume is None:
-        return None
-    if resume == 'latest':
-        ckpts = checkpoint_dirs(run_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not path.is_dir() or not (path / TrainState.FILE).exists():
-        raise FileNotFoundError(f"resume checkpoint {resume!r} is not an epoch checkpoint directory; "
-                                f"available: {[str(p) for p in checkpoint_dirs(run_dir)]}")
-    return path
-
-
-def commit_checkpoint(tmp_dir: Path, run_dir: str, epoch: int, keep: int) -> Path:
-    """Move a fully written checkpoint into place and drop the oldest beyond ``keep``."""
-    final = Path(run_dir) / 'checkpoints' / f'epoch_{epoch:04d}'
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp_dir, final)
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep only metric lines of epochs <= last_epoch (a resumed run rewrites the later ones)."""
+    """Keep only metric lines of epochs <= last_epoch (a resumed run rewrites the later ones).
+
+    A half-written last line (a kill during the write, always after the last checkpoint) is dropped;
+    any other unreadable line is an error naming the file and line.  The file is replaced atomically.
+    """
+    path = Path(path)
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)['epoch'] <= last_epoch]
-    path.write_text(''.join(ln + '\n' for ln in lines))
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            epoch = json.loads(line)['epoch']
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}:{i + 1} is not a metrics record ({e}); fix or remove that line") from None
+        if epoch <= last_epoch:
+            kept.append(line)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(''.join(ln + '\n' for ln in kept))
+    os.replace(tmp, path)
 
-
-class TrainState:
-    """Epoch counter saved as ``trainer_state.json`` beside the Accelerate state (JSON, not a pickle)."""
-
-    FILE = 'trainer_state.json'
-
-    def __init__(self):
-        self.epoch = 0  # epochs completed
-
-    def save(self, ckpt_dir: Path) -> None:
-        (Path(ckpt_dir) / self.FILE).write_text(json.dumps({'epoch': self.epoch}))
-
-    def load(self, ckpt_dir: Path) -> None:
-        self.epoch = int(json.loads((Path(ckpt_dir) / self.FILE).read_text())['epoch'])

@@ -1,0 +1,343 @@
+"""Compound Batch Normalization as a function on tensors, as ``F.batch_norm`` is for BN (no module state).
+
+:func:`compound_batch_norm` takes the map x (N, C, H, W), the running state (prior (M,), mean (M, C),
+var (M, C)) and the affine parameters (M, C) and returns the output and, in training, the batch
+statistics (:class:`BatchStats`); it never writes the running state, the caller (the module) does.
+Math (Cheng et al., ACM MM 2022, Eq. 7-16; docs/compound_bn.md, docs/compound_bn_numerics.md):
+
+    E-step   l_pk = log pi_k - 1/2 sum_c [log var_kc + (x_pc - mu_kc)^2 / var_kc],   r_pk = softmax_k(l_pk / T)
+    M-step   N_k = sum_p r_pk,  mu^_k = sum_p r_pk x_p / N_k,  var^_k = sum_p r_pk (x_p - mu^_k)^2 / N_k
+    output   y_p = sum_k r_pk c_k (A_k x_p + B_k),  A_k = gamma_k / sqrt(var_k + eps),  B_k = beta_k - A_k mu_k
+
+with c_k = 1 ('posterior') or pi_k^-1/2 ('mn').  Layout: one strategy for both memory formats.  X is
+``x.flatten(2)``, an (N, C, L) view (L = H*W) for contiguous *and* channels_last maps (then its strides
+are (LC, 1, C)); the responsibilities R are (N, M, L) (per image, (N, M, 1), on the split path).  Every
+reduction and expansion is a batched GEMM with M on one side; nothing of size P x M x C exists.  Squares
+are taken of x - s with a constant shift s near the data (the mixture mean in eval, a detached batch
+mean in training), so E[(x-s)^2] - E[x-s]^2 does not cancel when |mean| >> std.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficients', 'fold_running',
+           'compound_norm_eval', 'responsibilities']
+
+# A component needs more than one (soft) vector for a variance: at or below this it is inactive this batch.
+MIN_COUNT = 1.0
+# Responsibilities below this are set to 0: irrelevant, and subnormal floats are slow on CPUs.
+_R_FLOOR = 1e-30
+
+
+class BatchStats(NamedTuple):
+    """Batch ("temporary") statistics of one training forward (global under DDP), no gradient."""
+    counts: torch.Tensor  # (M,) N_k = sum_p r_pk
+    n_eff: torch.Tensor  # (M,) effective sample size N_k^2 / sum_p r_pk^2 (Kish), >= N_k
+    mean: torch.Tensor  # (M, C) mu^_k
+    var: torch.Tensor  # (M, C) biased var^_k
+    finite: torch.Tensor  # () bool: every statistic is finite (False: the batch held NaN/inf)
+
+
+class FoldedEval(NamedTuple):
+    """Everything eval needs that depends only on the running state and the affine parameters, in
+    coordinates x - s (raw coordinates lose ~3 digits of the output at |mean| = 1000 std)."""
+    shift: torch.Tensor  # (C,) mixture mean s
+    w1: torch.Tensor  # (M, C) E-step weights of x - s
+    w2: torch.Tensor  # (M, C) E-step weights of (x - s)^2
+    const: torch.Tensor  # (M,)
+    scale: torch.Tensor  # (M, C) c_k A_k
+    offset: torch.Tensor  # (M, C) c_k (beta_k - A_k (mu_k - s))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics are fp32 (fp64 for fp64 input) whatever the activation dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def estep_coefficients(prior, mean_rel, var, eps: float, temperature: float):
+    """l_pk / T = (x-s)^2_p . w2_k + (x-s)_p . w1_k + const_k, mean_rel = mu - s.
+
+    var is floored at eps and the prior at the smallest normal float; -C/2 log 2 pi cancels in the softmax.
+    """
+    var = var.clamp_min(eps)
+    ivar = var.reciprocal()
+    w1 = mean_rel * ivar
+    const = prior.clamp_min(torch.finfo(var.dtype).tiny).log() - 0.5 * (var.log().sum(1) + (mean_rel * w1).sum(1))
+    if temperature == 1.0:
+        return w1, ivar * -0.5, const
+    return w1 / temperature, ivar * (-0.5 / temperature), const / temperature
+
+
+def _posteriors(X, X2, coef) -> torch.Tensor:
+    """softmax_k over (N, M, L) logits; two batched GEMMs (M x C)(C x L), max-subtracted (never exp of a sum)."""
+    w1, w2, const = coef
+    n = X.shape[0]
+    logits = torch.baddbmm(const.view(1, -1, 1), w1.expand(n, -1, -1), X).baddbmm_(w2.expand(n, -1, -1), X2)
+    R = torch.softmax(logits, 1)
+    return R if R.requires_grad else F.threshold_(R, _R_FLOOR, 0.0)
+
+
+def _channels_fastest(X: torch.Tensor) -> bool:
+    return X.stride(1) == 1 and X.shape[2] > 1
+
+
+def _expand(R, coef, cl: bool, out=None) -> torch.Tensor:
+    """sum_k R[n, k, l] coef[k, c] as (N, C, L) in the map's layout ((N, C, 1) for per-image R)."""
+    if cl and R.shape[2] > 1:
+        return torch.matmul(R.transpose(1, 2), coef, out=None if out is None else out.transpose(1, 2)).transpose(1, 2)
+    return torch.matmul(coef.t(), R, out=out)
+
+
+def _scale_into(out, R, coef, Y, cl: bool) -> torch.Tensor:
+    """out = Y * (R coef), no autograd; ``out`` is a free (N, C, L) buffer in Y's layout."""
+    if R.shape[2] == 1:
+        return torch.mul(Y, _expand(R, coef, cl), out=out)
+    return _expand(R, coef, cl, out=out).mul_(Y)
+
+
+def _add_into(out, R, coef, cl: bool) -> torch.Tensor:
+    """out += R coef, no autograd."""
+    if R.shape[2] == 1:
+        return out.add_(_expand(R, coef, cl))
+    n = R.shape[0]
+    if cl:
+        out.transpose(1, 2).baddbmm_(R.transpose(1, 2), coef.expand(n, -1, -1))
+    else:
+        out.baddbmm_(coef.t().expand(n, -1, -1), R)
+    return out
+
+
+def _moments(R, Y) -> torch.Tensor:
+    """sum_p r_pk y_p, (M, C)."""
+    if R.shape[2] == 1:
+        return R[:, :, 0].t() @ Y.sum(2)
+    return torch.bmm(R, Y.transpose(1, 2)).sum(0)
+
+
+def _to4(t, h: int, w: int) -> torch.Tensor:
+    return t.unflatten(2, (h, w)) if t.shape[2] > 1 else t.unsqueeze(3)
+
+
+def _mix(R, scale, offset, xc4, out4: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = X * (R scale) + R offset per vector, as a 4-D tensor in x's layout (never a view: in-place
+    ReLU downstream then needs no CopySlices).  ``out4``: a free buffer to write into (no autograd)."""
+    h, w = xc4.shape[2:]
+    X = xc4.flatten(2)
+    cl = _channels_fastest(X)
+    if out4 is None:
+        return torch.addcmul(_to4(_expand(R, offset, cl), h, w), xc4, _to4(_expand(R, scale, cl), h, w))
+    out = out4.flatten(2)
+    _scale_into(out, R, scale, X, cl)
+    _add_into(out, R, offset, cl)
+    return out4
+
+
+def _needs_graph(*tensors) -> bool:
+    """Out-of-place ops (autograd, or a trace: its graph must not depend on the grad mode) vs in-place."""
+    return torch.jit.is_tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _standard_layout(t: torch.Tensor) -> torch.Tensor:
+    """t itself if contiguous or channels_last-contiguous (flatten(2) is then a view), else a copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _affine(weight, bias, mean_rel, var, eps: float, cw: Optional[torch.Tensor]):
+    """Branch k as A_k (x - s) + B_k, times c_k; also 1 / sqrt(var + eps)."""
+    inv = torch.rsqrt(var + eps)
+    scale = weight.to(inv.dtype) * inv
+    offset = bias.to(inv.dtype) - scale * mean_rel
+    if cw is not None:
+        return scale * cw.unsqueeze(1), offset * cw.unsqueeze(1), inv
+    return scale, offset, inv
+
+
+def _mn_weights(prior) -> torch.Tensor:
+    """c_k = pi_k^-1/2 (Mixture Normalization, Kalayeh & Shah, CVPR'19)."""
+    return prior.clamp_min(torch.finfo(prior.dtype).tiny).rsqrt()
+
+
+def fold_running(prior, mean, var, weight, bias, eps: float, temperature: float, combine: str) -> FoldedEval:
+    """Eval constants from the running state (compute dtype): shift, E-step coefficients, scale, offset."""
+    shift = (prior / prior.sum()) @ mean
+    mean_rel = mean - shift
+    w1, w2, const = estep_coefficients(prior, mean_rel, var, eps, temperature)
+    scale, offset, _ = _affine(weight, bias, mean_rel, var, eps, _mn_weights(prior) if combine == 'mn' else None)
+    return FoldedEval(shift, w1, w2, const, scale, offset)
+
+
+def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool = False) -> torch.Tensor:
+    """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
+    Two map-sized buffers: x - s, and (x - s)^2 which then receives the output."""
+    xc4 = _standard_layout(torch.sub(x, f.shift.view(1, -1, 1, 1)))
+    with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
+        sq4 = xc4 * xc4
+        R = _posteriors(xc4.flatten(2), sq4.flatten(2), (f.w1, f.w2, f.const))
+    return _mix(R, f.scale, f.offset, xc4, None if _needs_graph(xc4, f.scale, f.offset) else sq4).to(x.dtype)
+
+
+def responsibilities(x, prior, mean, var, eps: float, temperature: float) -> torch.Tensor:
+    """Posteriors r_pk under the given state: (N, C, H, W) -> (N, M, H, W)."""
+    n, c, h, w = x.shape
+    cdt = compute_dtype(x)
+    prior, mean, var = prior.to(cdt), mean.to(cdt), var.to(cdt)
+    shift = (prior / prior.sum()) @ mean
+    X = torch.sub(x, shift.view(1, c, 1, 1)).reshape(n, c, h * w)
+    return _posteriors(X, X * X, estep_coefficients(prior, mean - shift, var, eps, temperature)).view(n, -1, h, w)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:  # autograd-aware, as SyncBatchNorm's sum / sum of squares
+        import torch.distributed.nn.functional as dist_fn
+        return dist_fn.all_reduce(t)
+    dist.all_reduce(t)
+    return t
+
+
+def _batch_sums(R, X, X2) -> torch.Tensor:
+    """(M, 2 + 2C): [N_k, sum_p r_pk^2, S1 = sum_p r_pk x_p, S2 = sum_p r_pk x_p^2] (x relative to s)."""
+    if R.shape[2] == 1:  # one weight per image: reduce over positions first
+        r, hw = R[:, :, 0], X.shape[2]
+        sq = X2.sum(2) if X2 is not None else torch.linalg.vector_norm(X, dim=2).square()
+        return torch.cat([(r.sum(0) * hw).unsqueeze(1), ((r * r).sum(0) * hw).unsqueeze(1),
+                          r.t() @ X.sum(2), r.t() @ sq], 1)
+    return torch.cat([R.sum((0, 2)).unsqueeze(1), (R * R).sum((0, 2)).unsqueeze(1),
+                      _moments(R, X), _moments(R, X2)], 1)
+
+
+def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
+                   combine: str, use_batch: bool, responsibility_grad: bool, sync: bool):
+    """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward)."""
+    X = xc4.flatten(2)
+    c = X.shape[1]
+    X2 = sq4 = None
+    if groups is None:
+        with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
+            sq4 = xc4 * xc4
+            X2 = sq4.flatten(2)
+            R = _posteriors(X, X2, estep_coefficients(prior, mean_rel, var, eps, temperature))
+    else:  # split path: the one-hot group of each image
+        R = F.one_hot(groups, prior.shape[0]).to(X.dtype).unsqueeze(2)
+    sums = _batch_sums(R, X, X2)
+    if sync:
+        sums = _all_reduce(sums)
+    counts, sumsq, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2:c + 2], sums[:, c + 2:]
+    active = counts.detach() > MIN_COUNT
+    safe = torch.where(active, counts, torch.ones_like(counts)).unsqueeze(1)
+    bmean = s1 / safe
+    bvar = (s2 / safe - bmean * bmean).clamp_min(0)
+    stats = BatchStats(counts.detach(), (counts * counts / sumsq.clamp_min(torch.finfo(sumsq.dtype).tiny)).detach(),
+                       bmean.detach(), bvar.detach(), torch.isfinite(sums.detach()).all())
+    mask = None
+    if use_batch:
+        mask = active.unsqueeze(1)
+        mean_rel, var = torch.where(mask, bmean, mean_rel), torch.where(mask, bvar, var)
+        prior = counts / counts.sum()
+    cw = _mn_weights(prior) if combine == 'mn' and groups is None else None
+    scale, offset, inv = _affine(weight, bias, mean_rel, var, eps, cw)
+    graph = _needs_graph(xc4, scale, offset)
+    if sq4 is None and not graph:
+        sq4 = torch.empty_like(xc4)
+    y4 = _mix(R, scale, offset, xc4, None if graph else sq4)
+    return y4, stats, (R, cw, inv, mean_rel, safe, mask)
+
+
+class _ConstantAssignmentNorm(torch.autograd.Function):
+    """Training forward with batch statistics and r held constant, with a BN-style analytic backward.
+
+    For y_p = sum_k w_pk (A_k (x_p - mu_k) + beta_k), w_pk = c_k r_pk, A_k = gamma_k / s_k, batch
+    mu_k = sum_p r_pk x_p / N_k, var_k = sum_p r_pk (x_p - mu_k)^2 / N_k, G_k = sum_p w_pk g_p,
+    H_k = sum_p w_pk g_p x_p:
+        dbeta_k = G_k,   dgamma_k = (H_k - mu_k G_k) / s_k,
+        dx_p = g_p (W A)_p + x_p (R U)_p + (R V)_p,
+        U_k = -gamma_k (H_k - mu_k G_k) / (s_k^3 N_k),   V_k = -A_k G_k / N_k - U_k mu_k
+    (U = V = 0 for inactive components, normalised with running statistics).  Under DDP, G and
+    H - mu G are all-reduced for dx (as SyncBatchNorm does); dgamma, dbeta stay local (DDP reduces them).
+    """
+
+    @staticmethod
+    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync):
+        y4, stats, (R, cw, inv, mean_used, safe, mask) = _train_forward(
+            xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, True, False, sync)
+        ctx.sync = sync
+        ctx.save_for_backward(xc4, R, cw, weight, inv, mean_used, safe, mask)
+        ctx.mark_non_differentiable(*stats)
+        return (y4,) + tuple(stats)
+
+    @staticmethod
+    def backward(ctx, gy, *unused):
+        xc4, R, cw, weight, inv, mean, safe, mask = ctx.saved_tensors
+        X, G = xc4.flatten(2), gy.flatten(2)
+        cl = _channels_fastest(X)
+        gx4 = torch.mul(gy, xc4, out=torch.empty_like(xc4))  # xc4's layout, so flatten(2) is a view
+        gX = gx4.flatten(2)
+        gk, hk = _moments(R, G), _moments(R, gX)
+        if cw is not None:
+            gk, hk = gk * cw.unsqueeze(1), hk * cw.unsqueeze(1)
+        gdiff = hk - mean * gk
+        dweight = (gdiff * inv).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = gk.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if ctx.sync:
+                packed = torch.cat([gk, gdiff], 1)
+                dist.all_reduce(packed)
+                gk, gdiff = packed.chunk(2, 1)
+            scale = weight.to(inv.dtype) * inv
+            zero = torch.zeros_like(gk)
+            u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / safe, zero)
+            v = torch.where(mask, -scale * gk / safe, zero) - u * mean
+            _scale_into(gX, R, scale if cw is None else scale * cw.unsqueeze(1), G, cl)
+            gX.addcmul_(_expand(R, u, cl), X)
+            _add_into(gX, R, v, cl)
+            dx = gx4
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def batch_shift(x: torch.Tensor, sync: bool) -> torch.Tensor:
+    """(C,) detached shift near the batch: the mean of the N vectors at the map's centre.
+
+    Any s within a few std of the data removes the cancellation of E[(x-s)^2] - E[x-s]^2; this one
+    costs O(NC) instead of a pass over the map.  Under DDP it is averaged over ranks (all must agree).
+    """
+    with torch.no_grad():
+        s = x[:, :, x.shape[2] // 2, x.shape[3] // 2].to(compute_dtype(x)).mean(0)
+        if sync:
+            dist.all_reduce(s)
+            s = s / dist.get_world_size()
+    return s
+
+
+def compound_batch_norm(
+        x: torch.Tensor, running_prior: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+        weight: torch.Tensor, bias: torch.Tensor, training: bool, eps: float = 1e-5, *,
+        temperature: float = 1.0, combine: str = 'posterior', train_stats: str = 'batch',
+        responsibility_grad: bool = False, groups: Optional[torch.Tensor] = None, sync: bool = False,
+) -> Tuple[torch.Tensor, Optional[BatchStats]]:
+    """CBN of an (N, C, H, W) map: (output in x's dtype and layout, BatchStats in training else None).
+
+    The running tensors are read, never written.  ``groups`` (N,) int64: the split path (image n
+    normalised by component groups[n] with that group's batch statistics; training only).  ``sync``:
+    all-reduce the batch sums over the initialised process group.  Options as CompoundBatchNorm2d's.
+    """
+    cdt = compute_dtype(x)
+    prior, mean, var = running_prior.to(cdt), running_mean.to(cdt), running_var.to(cdt)
+    if not training:
+        return compound_norm_eval(x, fold_running(prior, mean, var, weight, bias, eps, temperature, combine),
+                                  responsibility_grad), None
+    shift = batch_shift(x, sync)
+    xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))  # also promotes bf16/fp16 to cdt
+    use_batch = train_stats == 'batch'
+    graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if graph and use_batch and not (responsibility_grad and groups is None):
+        y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
+                                                temperature, combine, sync)
+        stats = BatchStats(*st)
+    else:
+        y4, stats, _ = _train_forward(xc4, weight, bias, prior, mean - shift, var, groups, eps, temperature,
+                                      combine, use_batch, responsibility_grad and groups is None, sync)
+    return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)

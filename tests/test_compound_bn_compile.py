@@ -1,0 +1,52 @@
+"""torch.compile(fullgraph=True) of CompoundBatchNorm2d equals eager: outputs, gradients, running state."""
+import copy
+
+import pytest
+import torch
+
+from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_compiled_layer_matches_eager_over_training_steps(channels_last):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = CompoundBatchNorm2d(6, 3, combine='mn')
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True)  # fullgraph: any graph break raises
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = (torch.randn(4, 6, 5, 5) * 2 + step).contiguous(memory_format=fmt)
+        g = torch.randn(4, 6, 5, 5)
+        outs = []
+        for layer in (eager, compiled):
+            xr = x.clone().requires_grad_()
+            y = layer(xr)
+            y.backward(g)
+            outs.append((y, xr.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        for name in ('running_prior', 'running_mean', 'running_var', 'num_batches_tracked', 'last_counts'):
+            torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
+        for p, q in zip(eager.parameters(), compiled_layer.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
+    eager.eval(), compiled_layer.eval()
+    x = torch.randn(3, 6, 5, 5).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # spawns a process
+def test_gpu_benchmark_refuses_without_cuda_in_one_line():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_speed.py')], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=root)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and 'no CUDA device' in lines[0], proc.stderr
+    assert not os.path.exists(os.path.join(root, 'benchmarks', 'results', 'gpu_speed.json'))

@@ -1,0 +1,167 @@
+"""The trainer's parts on their own: the LR schedule against its closed form, the stage table,
+the loss-input wrapper (heads own their scale), FSA's epoch split, repository-relative run records,
+the CLI's fast --help, and torch.compile agreeing with eager training."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import timm
+import lt_zoo  # noqa: F401  (registers the lt_zoo models with timm)
+from lt_zoo.losses import create_loss
+from lt_zoo.training import stages
+from lt_zoo.training.config import OptimConfig, STAGES as STAGE_NAMES
+from lt_zoo.training.dual_path import DualPathLoss, DualPathModel
+from lt_zoo.training.loss_inputs import LossInputs
+from lt_zoo.training.schedule import make_optimizer
+from lt_zoo.training.trainer import REPO_ROOT, record_command, repo_relative
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _closed_form(cfg, S, t):
+    """f(t) written independently of lt_zoo.training.schedule (float64, from the definitions)."""
+    W, T = cfg['warmup_epochs'] * S, cfg['epochs'] * S
+    if t < W:
+        return (t + 1) / W
+    if cfg['scheduler'] == 'cosine':
+        return (1 + math.cos(math.pi * min(1.0, (t - W) / max(1, T - W)))) / 2
+    if cfg['scheduler'] == 'step':
+        return 0.1 ** len([s for s in cfg['lr_steps'] if t >= s * S])
+    return 1.0
+
+
+@pytest.mark.parametrize('scheduler,warmup,steps', [('cosine', 5, []), ('cosine', 0, []), ('step', 5, [160, 180]),
+                                                    ('step', 2, [1, 3]), ('constant', 3, []), ('step', 0, [4])])
+def test_schedule_matches_the_closed_form_at_every_step(scheduler, warmup, steps):
+    epochs, S, lr = 200 if steps == [160, 180] else 6, 7, 0.1
+    cfg = dict(epochs=epochs, warmup_epochs=warmup, scheduler=scheduler, lr_steps=steps)
+    opt, sched = make_optimizer(OptimConfig(lr=lr, **cfg), [nn.Parameter(torch.zeros(1))], S)
+    for t in range(epochs * S):
+        assert opt.param_groups[0]['lr'] == pytest.approx(lr * _closed_form(cfg, S, t), rel=1e-9, abs=1e-15), t
+        opt.step()
+        sched.step()
+
+
+def test_every_stage_has_its_function():
+    assert set(stages.STAGES) == set(STAGE_NAMES)
+    assert all(stages.STAGES[name].__name__ == name for name in STAGE_NAMES)
+
+
+def test_cosine_loss_gets_the_heads_cosines_not_rescaled_logits():
+    torch.manual_seed(0)
+    net = timm.create_model('resnet32_gcl', num_classes=10, in_chans=1).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        cos = LossInputs(net, cosine=True)(x)
+        feats = net.forward_head(net.forward_features(x), pre_logits=True)
+        w = net.get_classifier().weight
+        want = (feats / feats.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+        torch.testing.assert_close(cos, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(LossInputs(net, cosine=False)(x), net(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cosine-input loss needs a head with \.cosine\(\).*Linear"):
+        LossInputs(timm.create_model('resnet32', num_classes=10, in_chans=1), cosine=True)
+
+
+def test_dual_path_model_produces_exactly_what_the_loss_reads():
+    torch.manual_seed(0)
+    net = timm.create_model('resnet32_cbn', num_classes=10, in_chans=1)
+    loss = DualPathLoss(create_loss('ce', [5] * 10), cls_views=['strong'], cls_paths=['split'],
+                        consistency_views=['weak'], consistency_weight=0.1)
+    assert loss.required_outputs == ['compound_weak', 'split_strong', 'split_weak']
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    out = DualPathModel(net, 10, loss.required_outputs).train()(torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8),
+                                                               torch.arange(8))
+    assert sorted(out) == loss.required_outputs and len(calls) == 3  # one network forward per required output
+    assert set(loss(out, torch.arange(8))) == {'cls_split_strong', 'consistency_weak', 'loss'}
+
+
+@pytest.mark.parametrize('total,epochs', [(200, 30), (5, 1), (7, 7), (6400, 200)])
+def test_fsa_iterations_are_spread_over_the_epochs(total, epochs):
+    class Batches:
+        def set_epoch(self, e):
+            self.epoch = e
+    loader = stages._FsaEpochs(Batches(), total, epochs, 'cpu')
+    counts = []
+    for e in range(epochs):
+        loader.set_epoch(e)
+        counts.append(loader.batches.num_batches)
+    assert sum(counts) == total and max(counts) - min(counts) <= 1 and min(counts) >= 1
+
+
+def test_run_records_use_repository_relative_paths(tmp_path):
+    inside = str(REPO_ROOT / 'runs' / 'digits' / 'ce')
+    assert repo_relative(inside) == os.path.join('runs', 'digits', 'ce')
+    assert repo_relative(str(tmp_path)) == str(tmp_path)  # outside the repository: left absolute
+    assert repo_relative('runs/x') == 'runs/x' and repo_relative(3) == 3
+    cmd = record_command('train/train.py', ['--config', str(REPO_ROOT / 'train' / 'configs' / 'digits' / 'ce.yaml'),
+                                            '--epochs', '2'])
+    assert cmd == 'train/train.py --config train/configs/digits/ce.yaml --epochs 2'
+
+
+def test_cli_help_lists_defaults_without_loading_torch():
+    code = ("import runpy, sys; sys.argv = ['train/train.py', '--help']\n"
+            "try:\n    runpy.run_path('train/train.py', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported for --help'\n")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--epochs (default 200): training epochs" in proc.stdout and '--lr (default 0.1)' in proc.stdout
+
+
+def test_cli_refuses_bad_values_without_loading_torch():
+    code = ("import runpy, sys; sys.argv = ['train/train.py', '--epochs', '0', '--model', 'resnet32']\n"
+            "try:\n    runpy.run_path('train/train.py', run_name='__main__')\n"
+            "except ValueError as e:\n    print('refused:', e)\n"
+            "assert 'torch' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: stage 'stage1' trains, so epochs must be >= 1, got 0" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- torch.compile
+def _digits_run(tmp_path, name, config, *extra):
+    from accelerate.state import AcceleratorState, GradientState
+    from lt_zoo.training import trainer
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    out = tmp_path / name
+    argv = ['--config', str(ROOT / 'train' / 'configs' / 'digits' / f'{config}.yaml'), '--output_dir', str(out),
+            '--epochs', '1', '--batch_size', '64', '--input_size', '8', '--progress', 'false',
+            '--save_checkpoints', 'false', '--imbalance_factor', '10', *extra]
+    try:
+        trainer.main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    from safetensors.torch import load_file
+    return load_file(str(out / 'model.safetensors'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config,extra', [('ce', ['--model', 'resnet20']), ('nbn', ['--model', 'resnet20_nbn']),
+                                          ('cbn', ['--model', 'resnet20_cbn'])],
+                         ids=['bn', 'nbn', 'cbn_dual_path'])
+def test_compiled_training_agrees_with_eager(config, extra, tmp_path):
+    """One epoch (8 steps) at 8x8 on digits, same seed: compiled and eager weights agree to fp32 tolerance."""
+    eager = _digits_run(tmp_path, 'eager', config, *extra)
+    compiled = _digits_run(tmp_path, 'compiled', config, *extra, '--compile', 'true')
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k].double(), eager[k].double(), rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_stage2_agrees_with_eager(tmp_path):
+    parent = tmp_path / 'eager'
+    _digits_run(tmp_path, 'eager', 'ce', '--model', 'resnet20')
+    eager = _digits_run(tmp_path, 'crt', 'crt', '--stage1_dir', str(parent))
+    compiled = _digits_run(tmp_path, 'crt_compiled', 'crt', '--stage1_dir', str(parent), '--compile', 'true')
+    for k in eager:
+        torch.testing.assert_close(compiled[k].double(), eager[k].double(), rtol=1e-3, atol=1e-4, msg=k)
