@@ -75,8 +75,9 @@ def effective_number_weights(class_counts, beta) -> np.ndarray:
 def normalized_log_count_gap(class_counts) -> np.ndarray:
     """``delta_hat_j = (log n_max - log n_j) / max_k(...)`` in [0, 1], shape (C,).
 
-    GCL's cloud size and CBEN's beta offset (METHODS.md §4). With all counts equal the official code
-    divides 0 by 0; here every entry is then 0 (no class is rarer than another).
+    GCL's cloud size (Li et al. CVPR'22 Eq. 9) and CBEN's beta offset (Eq. 14);
+    docs/gcl.md#decision-gcl-balanced-counts. With all counts equal the official code divides 0 by 0;
+    here every entry is then 0 (no class is rarer than another).
     """
     log_n = np.log(validate_class_counts(class_counts))
     delta = log_n.max() - log_n

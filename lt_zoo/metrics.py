@@ -5,7 +5,8 @@ Python values. Accuracies are fractions in [0, 1]. A class without test samples 
 ``None`` and is left out of every mean; a shot group without classes is ``None`` (not 0).
 
 Shot groups (many n > 100, few n < 20, medium otherwise; training counts n) follow
-classifier-balancing ``utils.py::shot_acc`` and NBN ``methods/utils.py`` (PEERS.md §6). ECE uses 15
+classifier-balancing ``utils.py::shot_acc`` and NBN ``methods/utils.py`` (Kang et al. ICLR'20;
+docs/data.md#decision-shot-groups-and-calibration). ECE uses 15
 equal-width bins on the max-softmax confidence, bins ``(lo, hi]``, as MiSLAS.
 """
 from __future__ import annotations

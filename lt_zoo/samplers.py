@@ -4,21 +4,21 @@ Every strategy is the same two-level draw: a class ``j`` with probability ``q_j`
 ``n_j`` training samples uniformly, so the per-sample probability is ``q_j / n_j``. Strategies only
 differ in ``q`` (``n`` = training count per class, ``C`` = classes present, ``N = sum n``):
 
-==================  ==============================================  ======================================
+==================  ==============================================  =============================================
 name                q_j                                             source
-==================  ==============================================  ======================================
+==================  ==============================================  =============================================
 ``instance``        n_j / N (a plain permutation, no replacement)   ordinary ERM
 ``class_balanced``  1 / C                                           GCLLoss ``BalancedRS`` (stage 2)
 ``sqrt``            sqrt(n_j) / sum_k sqrt(n_k)                     square-root sampling (Mahajan et al.)
 ``power``           n_j^p / sum_k n_k^p (p=1 instance, 0 balanced)  generalises the three above
 ``effective_num``   prop. to n_j (1-b) / (1-b^n_j)                  GCLLoss ``EffectNumSampler``, b=0.9999
-``cben``            as above with b_j = b_a + b_b * delta_hat_j     GCLLoss ``CBEffectNumSampler``, §4
-==================  ==============================================  ======================================
+``cben``            as above with b_j = b_a + b_b * delta_hat_j     GCLLoss ``CBEffectNumSampler``, GCL Eq. 13-14
+==================  ==============================================  =============================================
 
-(§ numbers refer to ``shared/reference/METHODS.md``.) This module also holds the class-count
-statistics that losses and metrics share (:func:`validate_class_counts`,
-:func:`effective_number_weights`, :func:`normalized_log_count_gap`); it sits at the data stage, so
-later stages may import it.
+Details and the paper settings: docs/losses.md#samplers, docs/gcl.md#decision-gcl-stage-2. This
+module also holds the class-count statistics that losses and metrics share
+(:func:`validate_class_counts`, :func:`effective_number_weights`, :func:`normalized_log_count_gap`);
+it sits at the data stage, so later stages may import it.
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def _q_effective_num(n: np.ndarray, beta: float = 0.9999) -> np.ndarray:
 
 
 def _q_cben(n: np.ndarray, beta_a: float = 0.9999, beta_b: float = 1e-5) -> np.ndarray:
-    """beta_a=0.9999, beta_b=1e-5: GCLLoss ``sampler.py::CBEffectNumSampler`` (METHODS.md §4)."""
+    """beta_a=0.9999, beta_b=1e-5: GCLLoss ``sampler.py::CBEffectNumSampler`` (Li et al. CVPR'22 Eq. 14;
+    docs/gcl.md#decision-gcl-stage-2)."""
     beta = beta_a + beta_b * normalized_log_count_gap(n)
     return n * effective_number_weights(n, beta)
 

@@ -36,7 +36,7 @@ def state(layer):
 
 
 def numpy_reference(x, st, momentum, eps, temperature=1.0, combine='posterior'):
-    """One training forward in float64 with explicit loops (paper Eq. 8-16 as read in METHODS.md §6)."""
+    """One training forward in float64 with explicit loops (paper Eq. 8-16, docs/compound_bn.md)."""
     x = x.detach().double().numpy()
     n, c, h, w = x.shape
     prior, mean, var = st['running_prior'], st['running_mean'], st['running_var']

@@ -2,7 +2,6 @@
 running mean, non-finite batches, starving components, eval-constant caching, export paths.
 
 Float64 references are explicit NumPy loops (independent of the layer's matrix algebra)."""
-import copy
 import math
 import warnings
 

@@ -13,7 +13,9 @@ from lt_zoo.training.config import DEFAULTS, METHODS, SCHEMA, STAGES, describe_k
 CONFIGS = Path(__file__).resolve().parents[1] / 'train' / 'configs'
 ALL_FILES = sorted(CONFIGS.rglob('*.yaml'))
 METHOD_NAMES = sorted(p.stem for p in (CONFIGS / 'methods').glob('*.yaml'))
-DATASETS = sorted(d.name for d in CONFIGS.iterdir() if d.is_dir() and d.name != 'methods')
+# places_lt/ holds fine-tuning recipes from ImageNet weights (docs/pretrained.md), not the method grid
+RECIPES = ('places_lt',)
+DATASETS = sorted(d.name for d in CONFIGS.iterdir() if d.is_dir() and d.name not in ('methods',) + RECIPES)
 DATASET_FILES = [p for p in ALL_FILES if p.parent.name in DATASETS and not p.name.startswith('_')]
 
 
@@ -213,6 +215,18 @@ def test_override_errors():
      r"stage 'fsa' does not use \['loss', 'mixup_alpha'\]"),
     (['--stage', 'fsa', '--stage1_dir', 'runs/x', '--epochs', '10', '--fsa_iterations', '5'],
      r'fsa_iterations \(5\) are spread over the epochs, so they must be >= epochs \(10\)'),
+    (['--dual_path', 'true', '--train_aug', 'strong'], r"train_aug='strong' with dual_path is not implemented"),
+    (['--dual_stat_updates', 'once'], r"dual_stat_updates='once' needs dual_path: true"),
+    (['--dual_path', 'true', '--dual_stat_updates', 'twice'], r"invalid dual_stat_updates 'twice'"),
+    (['--data_cache', 'tensors', '--train_crop', 'random_resized'],
+     r"data_cache: tensors implements train_crop: pad only"),
+    (['--data_cache', 'tensors', '--num_workers', '2'], r'data_cache: tensors needs no DataLoader workers'),
+    (['--data_cache', 'arrow'], r"invalid data_cache 'arrow'; expected one of \('pil', 'tensors'\)"),
+    (['--train_aug', 'medium'], r"invalid train_aug 'medium'"),
+    (['--channels_last', 'yes please'], r"channels_last must be true or false"),
+    # an option that cannot train is refused, with the reason
+    (['--model', 'resnet20_cbn', '--model_kwargs', '{train_stats: running}'],
+     r'train_stats: running does not train from scratch.*NaN'),
 ])
 def test_bad_values_are_refused_with_the_value_named(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -292,3 +306,20 @@ def test_dataset_configs_fit_together(dataset):
             assert c['loss_kwargs']['drw_epoch'] == int(0.8 * c['epochs']), name
         if c['stage'] == 'tau_norm':
             assert c['epochs'] == 0
+
+
+def test_running_train_stats_is_allowed_for_fine_tuning_pretrained_weights():
+    cfg = load_config(['--model', 'resnet50_cbn', '--model_kwargs', '{train_stats: running, pretrained: true}'])
+    assert cfg['model_kwargs'] == {'train_stats': 'running', 'pretrained': True}
+
+
+@pytest.mark.parametrize('argv', [['--mixed_precision', 'no'], ['--mixed_precision=no']])
+def test_mixed_precision_no_on_the_command_line_is_the_string_not_yaml_false(argv):
+    # YAML 1.1 reads a bare `no` as false; the choice keys keep the text
+    assert load_config(argv)['mixed_precision'] == 'no'
+
+
+def test_mixed_precision_no_in_a_yaml_file(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('mixed_precision: no\n')
+    assert load_config(['--config', str(path)])['mixed_precision'] == 'no'

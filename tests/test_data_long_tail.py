@@ -37,7 +37,7 @@ def cao_reference(labels, counts, seed):
 
 
 @pytest.mark.parametrize("n_max,num_classes,totals", [
-    (5000, 10, {10: 20431, 50: 13996, 100: 12406, 200: 11203}),   # CIFAR-10-LT, METHODS.md §1
+    (5000, 10, {10: 20431, 50: 13996, 100: 12406, 200: 11203}),   # CIFAR-10-LT totals, docs/data.md#long-tailed-subsets-cao-et-al
     (500, 100, {10: 19573, 50: 12608, 100: 10847, 200: 9502}),    # CIFAR-100-LT
 ])
 def test_exp_counts_match_cao_totals_and_closed_form(n_max, num_classes, totals):

@@ -81,3 +81,34 @@ def test_dual_path_model_runs_the_requested_passes():
         assert torch.equal(wrapped(x_weak), net(x_weak))
 
 
+
+
+def _cbn_batches_tracked(model):
+    from lt_zoo.layers import CompoundBatchNorm2d
+    return [int(m.num_batches_tracked) for m in model.modules() if isinstance(m, CompoundBatchNorm2d)]
+
+
+@pytest.mark.parametrize('stat_updates,expected', [('all', 4), ('once', 2)])
+def test_dual_stat_updates_counts_the_running_updates_of_a_step(stat_updates, expected):
+    torch.manual_seed(0)
+    net = timm.create_model('resnet20_cbn', num_classes=10, in_chans=1).train()
+    wrapped = DualPathModel(net, 10, KEYS, stat_updates)
+    x = torch.randn(8, 1, 8, 8)
+    wrapped(x, x.flip(-1), torch.arange(8))
+    # 'all': each of the 4 (path, view) forwards updates every layer; 'once': one forward per path
+    assert set(_cbn_batches_tracked(net)) == {expected}
+
+
+def test_dual_stat_updates_once_keeps_the_outputs_of_all():
+    torch.manual_seed(0)
+    net = timm.create_model('resnet20_cbn', num_classes=10, in_chans=1).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8)
+    out_all = DualPathModel(net, 10, KEYS, 'all')(x, x.flip(-1), y)
+    net.load_state_dict(state)
+    out_once = DualPathModel(net, 10, KEYS, 'once')(x, x.flip(-1), y)
+    # the first forward sees the same running state either way; only later forwards may differ
+    first = sorted(KEYS)[0]
+    assert torch.equal(out_all[first], out_once[first])
+    with pytest.raises(ValueError, match=r"stat_updates='twice'; expected one of \('all', 'once'\)"):
+        DualPathModel(net, 10, KEYS, 'twice')

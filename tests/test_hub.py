@@ -9,6 +9,7 @@ import ast
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,39 @@ def test_card_of_a_stage2_run_cites_both_stages(run_copy, nbn_run, tmp_path):
     assert 'Stage-1 recipe' in text and f'`{stage1}`' in text
     assert '@inproceedings{kang2020decoupling' in text and '@article{bao2025nbn' in text
     assert {'nbn', 'crt'} <= set(ModelCard.load(tmp_path / 'c.md').data.tags)
+
+
+CHECKOUT = Path(lt_zoo.__file__).resolve().parents[1]
+
+
+def test_card_shows_checkout_paths_relative_to_the_repository(run_copy, nbn_run, tmp_path):
+    # a record written before train/train.py made its paths repo-relative: the card must not show the checkout
+    outside, _ = nbn_run
+    cfg = yaml.safe_load((run_copy / 'config.yaml').read_text())
+    cfg.update(stage='crt', stage1_dir=str(CHECKOUT / 'runs' / 'fmnist_lt' / 'ce'))
+    (run_copy / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev.update(stage='crt', command=f'train/train.py --config {CHECKOUT}/train/configs/fmnist_lt/nbn.yaml '
+                                   f'--output_dir {CHECKOUT}/runs/fmnist_lt/nbn_crt --data_dir {outside}')
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    text = write_card(str(run_copy), REPO_ID, str(tmp_path / 'c.md'), log=lambda s: None).read_text()
+    assert str(CHECKOUT) not in text
+    assert ('train/train.py --config train/configs/fmnist_lt/nbn.yaml --output_dir runs/fmnist_lt/nbn_crt '
+            f'--data_dir {outside}') in text  # a path outside the checkout is left as it is
+    assert 'stage-1 run `runs/fmnist_lt/ce`' in text
+
+
+# paths of one machine: an absolute path of a home, temp or work folder as a token of its own
+_MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|root|tmp|work|Users|mnt|var|private)/")
+
+
+def test_committed_cards_and_records_name_no_machine_path():
+    files = sorted((CHECKOUT / 'hub_cards').glob('*.md')) + sorted(
+        p for p in (CHECKOUT / 'benchmarks' / 'results').rglob('*') if p.is_file())
+    assert len(files) > 10  # the committed cards, benchmark tables and run records are there
+    hits = [f"{p.relative_to(CHECKOUT)}: {m.group(0)!r}" for p in files
+            for m in [_MACHINE_PATH.search(p.read_text(errors='replace'))] if m]
+    assert not hits, hits
 
 
 # ---------------------------------------------------------------------------------------------- push

@@ -268,7 +268,7 @@ def test_zero_init_last_keeps_nbn_weights_usable(name, kwargs, zeroed_bn):
         assert torch.isfinite(p.grad).all(), n
     # measured ~2e-3 (official scope) and ~2e-2 ('all'); a zero gamma gives ~5e3 here (its gradient is
     # scaled by 1/norm_eps).  NBN biases are not bounded: beta = 0 at init scales their gradient the same way,
-    # as in the official code (METHODS.md §3).
+    # as in the official code (docs/normalized_bn.md#decision-initialisation-and-zero-init-last).
     worst = max(m.weight.grad.abs().max().item() for m in _nbn_layers(model).values())
     assert worst < 1.0
 

@@ -1,7 +1,7 @@
 """pretrained=True loading of the published lt_zoo tags, fully offline.
 
 The checkpoints are written by lt_zoo's own export (lt_zoo.export.export_model) into a temporary Hugging
-Face cache in the exact snapshot layout (shared/reference/ECOSYSTEM.md §3):
+Face cache in the exact snapshot layout (docs/hub.md#decision-offline-cache-loading):
     models--lt-zoo--NAME/refs/main                      40-hex commit, no trailing newline
     models--lt-zoo--NAME/snapshots/<commit>/{model.safetensors, config.json}
 and timm's real loading code (hf_hub_download through huggingface_hub) reads them with HF_HUB_OFFLINE.

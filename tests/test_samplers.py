@@ -46,7 +46,7 @@ def test_effective_number_probabilities_hand_numbers():
 
 
 def test_cben_defaults_near_class_balanced():
-    # METHODS.md §4: CBEN's head/tail probability ratio is ~1.27 on CIFAR-10-LT IF100
+    # docs/gcl.md#decision-gcl-stage-2: CBEN's head/tail probability ratio is ~1.27 on CIFAR-10-LT IF100
     counts = [int(5000 * 100 ** (-i / 9)) for i in range(10)]
     q = create_sampler("cben", make_labels(counts)).class_probabilities
     assert q[0] / q[-1] == pytest.approx(1.27, abs=0.01)

@@ -407,3 +407,31 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match=r"already exists; pass --resume to continue it or --overwrite"):
         train_main(argv_for('ce', run_dir))
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir()} == before
+
+
+# ------------------------------------------------------------------ the tensor data path and CLI errors
+@pytest.mark.slow
+@pytest.mark.parametrize('method,extra', [
+    ('balanced_softmax', ['--train_aug', 'strong', '--channels_last', 'true']),  # CBN Table 2's 'BS + AA'
+    ('cbn', ['--dual_stat_updates', 'once']),
+])
+def test_tensor_data_path_trains_and_exports(method, extra, tmp_path):
+    out = tmp_path / method
+    argv = argv_for(method, out, epochs=1) + ['--data_cache', 'tensors'] + extra
+    result = train_main(argv)
+    cfg, ev, lines = check_run_outputs(out, argv, result, method)
+    assert cfg['data_cache'] == 'tensors' and len(lines) == 1
+    if method == 'cbn':  # 8 steps of 'once': one running update per path per step -> 2 per step
+        steps = math.ceil(494 / 64)
+        state = load_file(str(out / 'model.safetensors'))
+        tracked = {int(v) for k, v in state.items() if k.endswith('num_batches_tracked')}
+        assert tracked == {2 * steps}
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    out = tmp_path / 'never'
+    proc = subprocess.run([sys.executable, str(ROOT / 'train' / 'train.py'), '--config', str(DIGITS / 'ce.yaml'),
+                           '--epochs', '0', '--output_dir', str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: stage 'stage1' trains, so epochs must be >= 1, got 0"]
+    assert not out.exists()

@@ -1,7 +1,7 @@
 """train/train.py under 2-process CPU DDP (Accelerate MULTI_CPU / gloo) with CBN dual-path learning.
 
 ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`` is the combination that
-gives real gloo DDP on a CPU-only machine (shared/reference/ECOSYSTEM.md §5).  The layer-level
+gives real gloo DDP on a CPU-only machine (docs/training.md#decision-distributed-training).  The layer-level
 2-process equivalence of CBN's statistics is tested with the layer; here the whole trainer runs.
 """
 import json

@@ -34,4 +34,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:  # bad input: one line, no traceback
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)

@@ -9,7 +9,7 @@ import numpy as np
 __all__ = ["IMAGE_COLUMN_CANDIDATES", "LABEL_COLUMN_CANDIDATES", "resolve_columns", "label_array",
            "num_classes_of"]
 
-# Names used by the Hub image-classification sets lt_zoo targets (ECOSYSTEM.md §6): imagefolder and
+# Names used by the Hub image-classification sets lt_zoo targets (docs/data.md#sources): imagefolder and
 # zalando-datasets/fashion_mnist use image/label, uoft-cs/cifar10 img/label, uoft-cs/cifar100 img/fine_label.
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "fine_label")

@@ -1,6 +1,6 @@
 """Image list files (`<relative/path> <int label>` per line), the ImageNet-LT / Places-LT / iNat18 format.
 
-METHODS.md §1: one image per line, whitespace-split, path joined to a data root (classifier-balancing
+docs/data.md#decision-list-files: one image per line, whitespace-split, path joined to a data root (classifier-balancing
 convention, e.g. `ImageNet_LT_train.txt`).
 """
 from __future__ import annotations

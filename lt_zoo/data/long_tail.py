@@ -1,9 +1,10 @@
 """Long-tailed subsets of a balanced dataset: per-class count profiles and seeded selection.
 
-Protocol of Cao et al. (LDAM-DRW, `imbalance_cifar.py`; METHODS.md §1, PEERS.md §6): class i keeps
-n_i = int(n_max * (1/IF) ** (i / (C - 1))) images, i = 0..C-1 in *label order*, so class 0 is the
-most frequent. Datasets whose label order is not their frequency order still get the profile in
-label order (relabel first if another order is wanted).
+Protocol of Cao et al. NeurIPS'19 (LDAM-DRW, `imbalance_cifar.py`;
+docs/data.md#long-tailed-subsets-cao-et-al): class i keeps n_i = int(n_max * (1/IF) ** (i / (C - 1)))
+images, i = 0..C-1 in *label order*, so class 0 is the most frequent. Datasets whose label order is
+not their frequency order still get the profile in label order (relabel first if another order is
+wanted).
 """
 from __future__ import annotations
 
@@ -123,11 +124,12 @@ def make_long_tailed(ds: datasets.Dataset, label_column: str, imbalance_factor: 
                      n_max: int | None = None, step_ratio: float = 0.5) -> Tuple[datasets.Dataset, LongTailInfo]:
     """Long-tailed subset `ds.select(sorted kept indices)` and its LongTailInfo.
 
-    imbalance_factor=100, seed=0, selection='cao2019': CIFAR-LT defaults of LDAM-DRW / GCL / NBN (METHODS.md §1).
+    imbalance_factor=100, seed=0, selection='cao2019': CIFAR-LT defaults of LDAM-DRW / GCL / NBN
+    (docs/data.md#decision-cao2019-selection).
     selection: 'cao2019' reproduces LDAM-DRW's kept images bit-exactly given the same row order;
-    'rng' takes the first n_c of np.random.default_rng(seed).permutation of each class (ECOSYSTEM.md §6;
-    a different subset). n_max=None: the smallest class count of `ds` (= 5000 / 500 on balanced
-    CIFAR-10 / -100, Cao's len/C). Raises ValueError for IF < 1, a class asked for more images than it
+    'rng' takes the first n_c of np.random.default_rng(seed).permutation of each class
+    (docs/data.md#decision-cao2019-selection; a different subset). n_max=None: the smallest class
+    count of `ds` (= 5000 / 500 on balanced CIFAR-10 / -100, Cao's len/C). Raises ValueError for IF < 1, a class asked for more images than it
     has, or a class left empty.
     """
     imbalance_factor = _check_imbalance_factor(imbalance_factor)

@@ -5,6 +5,8 @@ long-tail record from eval.json, the recipe from the resolved config.yaml, input
 from the exported config.json.  Nothing is typed in by hand.
 """
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -18,7 +20,8 @@ from .citations import PAPERS, papers_for
 
 __all__ = ['DEFAULT_TEMPLATE', 'card_data_for', 'render_model_card', 'dataset_ids', 'needs_lt_zoo_import']
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / 'hub_cards' / 'model_card_template.md'
+_CHECKOUT = Path(__file__).resolve().parents[2]
+DEFAULT_TEMPLATE = _CHECKOUT / 'hub_cards' / 'model_card_template.md'
 
 # Hub dataset ids of lt_zoo's built-in datasets (lt_zoo.data.builtin); 'digits' (scikit-learn) has none.
 _BUILTIN_HUB_IDS = {'fashion_mnist': 'zalando-datasets/fashion_mnist'}
@@ -69,8 +72,8 @@ def _fmt(v: Any) -> str:
 
 
 def recipe_rows(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
-    """(key, value) rows of the config keys that shaped the run, in config order."""
-    return [(k, _fmt(v)) for k, v in cfg.items() if _relevant(k, cfg)]
+    """(key, value) rows of the config keys that shaped the run, in config order (checkout paths relative)."""
+    return [(k, _repo_relative_text(_fmt(v))) for k, v in cfg.items() if _relevant(k, cfg)]
 
 
 def dataset_ids(record) -> Tuple[Optional[str], str, str]:
@@ -139,6 +142,23 @@ def _stage1_recipe(cfg: Dict[str, Any], run_path: Path) -> Optional[List[Tuple[s
     return None
 
 
+def _repo_relative_text(text: Optional[str]) -> Optional[str]:
+    """``text`` with each absolute path inside this checkout made relative to it (the checkout itself: ``.``).
+
+    ``--config /home/me/lt_zoo/train/configs/x.yaml`` -> ``--config train/configs/x.yaml``.  A card is public
+    and its command should run in any checkout; records written before train/train.py made its paths
+    repo-relative still hold absolute ones.  Paths outside the checkout are left as they are.
+    """
+    if not text:
+        return text
+    sep = re.escape(os.sep)
+    for root in sorted({str(_CHECKOUT), str(Path(__file__).absolute().parents[2])}, key=len, reverse=True):
+        # a path starts a token (or follows '=' or a quote) and the root ends at a separator or the token's end
+        pattern = rf"(?<![^\s='\"]){re.escape(root)}(?:{sep}|(?=[\s'\"]|$))"
+        text = re.sub(pattern, lambda m: '.' if m.group(0) == root else '', text)
+    return text
+
+
 def _escape(s: Any) -> str:
     return str(s).replace('|', '\\|')
 
@@ -177,7 +197,7 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
         std=list(pcfg.get('std', [])), num_classes=export_config['num_classes'],
         model_args=json.dumps(export_config.get('model_args', {})),
         results=results, recipe=recipe_rows(cfg), stage1_recipe=_stage1_recipe(cfg, record.path),
-        stage1_dir=cfg.get('stage1_dir'), command=ev['command'],
+        stage1_dir=_repo_relative_text(cfg.get('stage1_dir')), command=_repo_relative_text(ev['command']),
         classes=classes, many_threshold=cfg.get('many_threshold', 100), few_threshold=cfg.get('few_threshold', 20),
         long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
         indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,

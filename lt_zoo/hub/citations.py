@@ -1,7 +1,7 @@
 """The papers behind each lt_zoo recipe, as BibTeX for model cards.
 
-``PAPERS`` holds one entry per paper (authors, venues and arXiv ids as in shared/reference/METHODS.md and
-PEERS.md, checked against the arXiv / CVF / publisher pages).  ``METHOD_PAPERS`` maps every method label of
+``PAPERS`` holds one entry per paper (authors, venues and arXiv ids checked against the arXiv / CVF /
+publisher pages; the same list is in docs/README.md#papers).  ``METHOD_PAPERS`` maps every method label of
 ``lt_zoo.training.config.METHODS`` to its paper(s); :func:`papers_for` adds the papers of the stage-2 mode,
 the loss and the normalisation layer that a run actually used.
 """

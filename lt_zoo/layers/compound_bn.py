@@ -37,7 +37,7 @@ from timm.layers import register_notrace_module
 
 from . import compound_bn_functional as cbf
 
-__all__ = ['CompoundBatchNorm2d', 'CBN_OPTIONS', 'split_norm', 'convert_bn_to_cbn', 'symmetry_directions',
+__all__ = ['CompoundBatchNorm2d', 'CBN_OPTIONS', 'split_norm', 'frozen_running_stats', 'convert_bn_to_cbn', 'symmetry_directions',
            'cbn_statistics', 'format_cbn_statistics']
 
 # Model-entrypoint keyword options forwarded to every CompoundBatchNorm2d (plain JSON values).
@@ -85,8 +85,9 @@ class CompoundBatchNorm2d(nn.Module):
             through them as in BN. 'running': the running statistics as constants (train forward then
             equals the eval forward; the running state is still updated).  'running' trains like BN with
             frozen statistics: no gradient keeps activations normalised, so from scratch at a high
-            learning rate it diverges (docs/compound_bn_numerics.md); meant for fine-tuning a converted,
-            already trained network.
+            learning rate it diverges
+            (docs/compound_bn_numerics.md#train_statsrunning-cannot-train-from-scratch); meant for
+            fine-tuning a converted, already trained network.
         combine: weights of the branch sum (paper Eq. 16). 'posterior' (default): r_pk.
             'mn': r_pk / sqrt(pi_k) as in Mixture Normalization (Kalayeh & Shah, CVPR'19), pi_k the batch
             prior N_k / P under train_stats='batch' in training, else the running prior.
@@ -200,6 +201,8 @@ class CompoundBatchNorm2d(nn.Module):
         # (targets, num_classes) while a split_norm() block is active; plain attribute, not state.
         self._split: Optional[Tuple[torch.Tensor, int]] = None
         self._eval_cache = None  # (tensors, versions, options, FoldedEval)
+        # False: training forwards normalise as usual but leave the running state alone (frozen_running_stats)
+        self.update_running = True
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------- state
@@ -302,7 +305,7 @@ class CompoundBatchNorm2d(nn.Module):
             x, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.training,
             self.eps, temperature=self._temperature(), combine=self.combine, train_stats=self.train_stats,
             responsibility_grad=self.responsibility_grad, groups=groups, sync=sync)
-        if stats is not None:
+        if stats is not None and self.update_running:
             self._update_running(stats, update_prior=groups is None)
         return y
 
@@ -363,6 +366,25 @@ class CompoundBatchNorm2d(nn.Module):
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module, frozen: bool = True) -> Iterator[nn.Module]:
+    """Within the block (if ``frozen``), training forwards of every CompoundBatchNorm2d of ``model`` use
+    batch statistics as usual but do not update the running prior, mean and variance.
+
+    The dual path runs up to four forwards per step; this picks which of them update the running state
+    (``dual_stat_updates``, docs/compound_bn.md).  Nested blocks restore the outer setting on exit.
+    """
+    layers = [m for m in model.modules() if isinstance(m, CompoundBatchNorm2d)]
+    saved = [m.update_running for m in layers]
+    for m in layers:
+        m.update_running = not frozen and m.update_running
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.update_running = s
 
 
 @contextlib.contextmanager

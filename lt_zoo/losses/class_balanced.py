@@ -32,7 +32,7 @@ class ClassBalancedLoss(ClassCountLoss):
 
     reduction='mean' (default): ``sum_i w_{y_i} l_i / N`` -- the class-balanced loss as Cui et al.
     define it per sample and average it, and what the pip packages ``balanced-loss`` and ``cbloss``
-    compute (PEERS.md §4), so its numbers are comparable with theirs.
+    compute (docs/losses.md#decision-class-balanced-reduction), so its numbers are comparable with theirs.
     reduction='weighted_mean': ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, as
     ``F.cross_entropy(weight=w)`` and LDAM-DRW's DRW stage; the loss scale then does not depend on
     how many rare samples the batch happens to hold.

@@ -2,7 +2,8 @@
 
 timm's ResNet class cannot express these (its stem has stride 4 and it has four stages), so this is one
 small module reusing ``timm.models.resnet.BasicBlock`` that keeps timm's model contract (``global_pool=''``
-returns the feature map, ``forward_intermediates``, TorchScript with BN/NBN, FX; docs/models.md).
+returns the feature map, ``forward_intermediates``, TorchScript with BN/NBN, FX;
+docs/models.md#models-and-timms-model-contract).
 Depth 6n+2: resnet20/32/44/56/110.
 Registered names: ``resnet32``, ``resnet32_nbn``, ``resnet32_cbn``, each also with a cosine head
 (``_gcl`` suffix), and the same for the other depths.

@@ -54,6 +54,8 @@ class RunConfig:
     cpu: bool = _key(False, 'force CPU even when a GPU is present')
     compile: bool = _key(False, 'torch.compile the trained module, any stage (results agree with eager within '
                                 'fp32 tolerance)')
+    channels_last: bool = _key(False, 'train and evaluate in channels_last memory format (faster convolutions on '
+                                      'CPUs and GPUs; same results within fp32 rounding)')
 
 
 @dataclass
@@ -82,6 +84,12 @@ class DataConfig:
     normalize: str = _key('dataset', "'dataset' (mean/std of the training split) or 'model' (the model's "
                                      "pretrained cfg)")
     num_workers: int = _key(0, 'DataLoader workers')
+    train_aug: str = _key('weak', "single-view training augmentation: 'weak' (pad-crop + flip) or 'strong' (the "
+                                  "weak view plus the strong_aug policy: the 'BS + AutoAugment' baseline of Cheng "
+                                  "et al. ACM MM'22, Table 2); the dual path makes its own two views")
+    data_cache: str = _key('pil', "'pil' (decode and transform every image with PIL, every epoch) or 'tensors' "
+                                  "(decode once into uint8 tensors, cached on disk, batched augmentation: the same "
+                                  "transforms, several times faster on small images; docs/data.md)")
 
 
 @dataclass
@@ -127,6 +135,9 @@ class DualPathConfig:  # CBN dual-path learning (Cheng et al. ACM MM'22 §3.4; d
                                           '0.1)')
     consistency_views: List[str] = _key(['weak', 'strong'], 'views on which the compound and split paths are '
                                                             'made consistent')
+    dual_stat_updates: str = _key('all', "forwards of a dual-path step that update CBN running statistics: 'all' "
+                                         "(every (path, view) forward) or 'once' (one forward per path, the weak view "
+                                         "where it is computed); the paper is silent, docs/compound_bn.md")
 
 
 @dataclass
@@ -197,10 +208,11 @@ _CHOICES = {
     'stage': STAGES, 'method': METHODS, 'lt_profile': ('exp', 'step'), 'lt_selection': ('cao2019', 'rng'),
     'strong_aug': ('autoaugment', 'randaugment'), 'normalize': ('dataset', 'model'),
     'scheduler': ('cosine', 'step', 'constant'), 'mixed_precision': ('no', 'bf16', 'fp16'),
-    'train_crop': ('pad', 'random_resized'),
+    'train_crop': ('pad', 'random_resized'), 'train_aug': ('weak', 'strong'), 'data_cache': ('pil', 'tensors'),
+    'dual_stat_updates': ('all', 'once'),
 }
 _VIEWS, _PATHS = ('weak', 'strong'), ('compound', 'split')
-_BOOLS = ('deterministic', 'overwrite', 'cpu', 'compile', 'balanced_subset', 'hflip', 'nesterov', 'dual_path',
+_BOOLS = ('deterministic', 'overwrite', 'cpu', 'compile', 'channels_last', 'balanced_subset', 'hflip', 'nesterov', 'dual_path',
           'reinit_classifier', 'save_checkpoints', 'progress')
 
 # (key, lowest, highest, low_open, high_open) for integers and for reals: one table, one message format.
@@ -263,7 +275,8 @@ def _parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
             i += 1
         if key not in SCHEMA:
             raise _unknown_key_error(key, 'command line')
-        out[key] = _parse_value(text)
+        # keys with string choices keep the text: YAML 1.1 would read `--mixed_precision no` as false
+        out[key] = text if key in _CHOICES else _parse_value(text)
     return out
 
 
@@ -322,6 +335,24 @@ def _check_combinations(cfg: Dict[str, Any]) -> None:
     if cfg['dual_path'] and cfg['mixup_alpha'] > 0:
         raise ValueError(f"mixup_alpha={cfg['mixup_alpha']} with dual_path is not implemented (the dual path "
                          f"classifies two augmented views, unmixed); use mixup_alpha: 0 or dual_path: false")
+    if cfg['dual_path'] and cfg['train_aug'] != 'weak':
+        raise ValueError(f"train_aug={cfg['train_aug']!r} with dual_path is not implemented: the dual path makes "
+                         f"its own weak and strong views (strong_aug picks the policy); use train_aug: weak")
+    if not cfg['dual_path'] and cfg['dual_stat_updates'] != 'all':
+        raise ValueError(f"dual_stat_updates={cfg['dual_stat_updates']!r} needs dual_path: true")
+    if cfg['data_cache'] == 'tensors' and cfg['train_crop'] != 'pad':
+        raise ValueError(f"data_cache: tensors implements train_crop: pad only (CIFAR pad-and-crop), got "
+                         f"{cfg['train_crop']!r}; use data_cache: pil for random_resized")
+    if cfg['data_cache'] == 'tensors' and cfg['num_workers']:
+        raise ValueError(f"data_cache: tensors needs no DataLoader workers (batches are sliced from memory), got "
+                         f"num_workers={cfg['num_workers']}; use num_workers: 0")
+    kwargs = cfg['model_kwargs']
+    if (stage == 'stage1' and kwargs.get('train_stats') == 'running' and not kwargs.get('pretrained')):
+        raise ValueError("model_kwargs train_stats: running does not train from scratch: with the running "
+                         "statistics as constants nothing keeps activations normalised, the mismatch compounds "
+                         "through depth and the loss becomes NaN within tens of steps at lr 0.1 "
+                         "(docs/compound_bn_numerics.md). Use train_stats: batch (the default), or start from "
+                         "trained weights (model_kwargs pretrained: true) to fine-tune with it")
     if stage in ('tau_norm', 'fsa'):
         what = 'tau_norm rescales the trained classifier without training' if stage == 'tau_norm' else \
             'FSA phase II draws its own class-balanced batches and trains with cross-entropy (Chu et al.)'
@@ -340,6 +371,8 @@ def validate_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for key in cfg:
         if key not in SCHEMA:
             raise _unknown_key_error(key, 'config')
+    if cfg['mixed_precision'] is False:  # `mixed_precision: no` in a YAML file (YAML 1.1 reads no as false)
+        cfg['mixed_precision'] = 'no'
     for key, choices in _CHOICES.items():
         if cfg[key] not in choices:
             raise ValueError(f"invalid {key} {cfg[key]!r}; expected one of {choices}")

@@ -46,15 +46,38 @@ def normalization(cfg: DataConfig, data: Dict[str, Any], model, fresh_model: boo
 
 
 def build_loaders(cfg: DataConfig, data: Dict[str, Any], mean: Sequence[float], std: Sequence[float], *,
-                  batch_size: int, two_view: bool, sampler: Optional[Sampler]):
+                  batch_size: int, two_view: bool, sampler: Optional[Sampler], seed: int = 0, rank: int = 0,
+                  device=None):
     """(train loader, test loader).  Train batches are (x (B, C, H, W), y (B,)), or ((weak, strong), y)
-    with ``two_view`` (the CBN dual path); the test loader keeps the split's order."""
+    with ``two_view`` (the CBN dual path); the test loader keeps the split's order.
+
+    ``data_cache: pil`` gives torch DataLoaders over PIL transforms (Accelerate shards them in ``prepare``);
+    ``data_cache: tensors`` gives :class:`lt_zoo.data.TensorLoader` s over images decoded once (the same
+    transforms, batched; augmentation seeded by (seed, epoch, rank)).  Those are not passed to
+    ``accelerator.prepare``: the sampler shards them itself and every process evaluates the whole test set
+    (``full_on_every_rank``), so evaluation gathers nothing.
+    """
+    kind = 'strong' if cfg.train_aug == 'strong' else 'weak'
+    cols = (data['splits'].image_column, data['splits'].label_column)
+    if cfg.data_cache == 'tensors':
+        common = dict(input_size=cfg.input_size, in_chans=data['in_chans'],
+                      cache_dir=ltdata.default_tensor_cache_dir())
+        train = ltdata.decode_split(data['train'], *cols, **common)  # the weak view resizes, never centre-crops
+        test = ltdata.decode_split(data['splits'].test, *cols, crop_pct=cfg.crop_pct, **common)
+        train_tf = ltdata.create_batch_transform(kind, mean=mean, std=std, pad=cfg.pad, hflip=cfg.hflip,
+                                                 strong=cfg.strong_aug, train_crop=cfg.train_crop, two_view=two_view)
+        train_dl = ltdata.TensorLoader(train.images, train.labels, batch_size=batch_size, sampler=sampler,
+                                       transform=train_tf, seed=seed, rank=rank, device=device)
+        test_dl = ltdata.TensorLoader(test.images, test.labels, batch_size=max(512, batch_size),
+                                      transform=ltdata.create_batch_transform('eval', mean=mean, std=std),
+                                      device=device)
+        test_dl.full_on_every_rank = True
+        return train_dl, test_dl
     common = dict(input_size=cfg.input_size, in_chans=data['in_chans'], mean=mean, std=std)
     aug = dict(pad=cfg.pad, hflip=cfg.hflip, train_crop=cfg.train_crop, **common)
-    weak = ltdata.create_transform('weak', **aug)
-    train_tf = ltdata.TwoView(weak, ltdata.create_transform('strong', strong=cfg.strong_aug, **aug)) \
-        if two_view else weak
-    cols = (data['splits'].image_column, data['splits'].label_column)
+    first = ltdata.create_transform(kind, strong=cfg.strong_aug, **aug)
+    train_tf = ltdata.TwoView(first, ltdata.create_transform('strong', strong=cfg.strong_aug, **aug)) \
+        if two_view else first
     train_ds = ltdata.attach_transform(data['train'], train_tf, *cols)
     test_ds = ltdata.attach_transform(data['splits'].test,
                                       ltdata.create_transform('eval', crop_pct=cfg.crop_pct, **common), *cols)

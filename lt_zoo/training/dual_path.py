@@ -21,7 +21,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..layers.compound_bn import split_norm
+from ..layers.compound_bn import frozen_running_stats, split_norm
 from ..losses import consistency_loss
 
 __all__ = ['DualPathModel', 'DualPathLoss', 'dual_path_keys']
@@ -43,22 +43,38 @@ class DualPathModel(nn.Module):
     ``forward(x)`` alone is the compound path (evaluation) -> (B, K).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, keys: Sequence[str]):
+    STAT_UPDATES = ('all', 'once')
+
+    def __init__(self, model: nn.Module, num_classes: int, keys: Sequence[str], stat_updates: str = 'all'):
         super().__init__()
+        if stat_updates not in self.STAT_UPDATES:
+            raise ValueError(f"stat_updates={stat_updates!r}; expected one of {self.STAT_UPDATES}")
         self.model = model
         self.num_classes = num_classes
         self.keys = list(keys)
+        # 'once': per path, only one forward updates the CBN running state (the weak view where computed)
+        self.updating = set(self.keys)
+        if stat_updates == 'once':
+            self.updating = set()
+            for path in ('compound', 'split'):
+                own = [k for k in self.keys if k.startswith(path + '_')]
+                if own:
+                    self.updating.add(f'{path}_weak' if f'{path}_weak' in own else own[0])
+
+    def _run(self, key: str, views):
+        with frozen_running_stats(self.model, frozen=key not in self.updating):
+            return self.model(views[key.split('_')[1]])
 
     def forward(self, x_weak: torch.Tensor, x_strong: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None):
         if x_strong is None:  # evaluation: the compound path alone, plain logits
             return self.model(x_weak)
         views = {'weak': x_weak, 'strong': x_strong}
-        out = {k: self.model(views[k.split('_')[1]]) for k in self.keys if k.startswith('compound_')}
+        out = {k: self._run(k, views) for k in self.keys if k.startswith('compound_')}
         split_keys = [k for k in self.keys if k.startswith('split_')]
         if split_keys:
             with split_norm(self.model, targets, self.num_classes):
-                out.update({k: self.model(views[k.split('_')[1]]) for k in split_keys})
+                out.update({k: self._run(k, views) for k in split_keys})
         return out
 
 

@@ -13,8 +13,11 @@ def predict(accelerator, model, loader, progress: bool):
     """(logits (N, K) float32 on CPU, labels (N,)) of ``model`` in eval mode over ``loader``."""
     model.eval()
     outs, ys = [], []
+    local = getattr(loader, 'full_on_every_rank', False)  # a TensorLoader: every rank sees every test image
     for x, y in tqdm(loader, desc='eval', leave=False, disable=not progress):
-        logits, y = accelerator.gather_for_metrics((model(x).float(), y))
+        logits = model(x).float()
+        if not local:
+            logits, y = accelerator.gather_for_metrics((logits, y))
         outs.append(logits.cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)

@@ -55,7 +55,7 @@ def stage1(ctx: StageContext) -> StagePlan:
     if dual.dual_path:
         dual_loss = DualPathLoss(ctx.loss_fn, dual.dual_cls_views, dual.dual_cls_paths, dual.consistency_views,
                                  dual.consistency_weight)
-        module = DualPathModel(inputs, ctx.num_classes, dual_loss.required_outputs)
+        module = DualPathModel(inputs, ctx.num_classes, dual_loss.required_outputs, dual.dual_stat_updates)
 
         def step(wrapped, batch):
             (x_weak, x_strong), y = batch

@@ -90,7 +90,10 @@ def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[
     data = build_data(c.data)
     model, loss_fn = build_model(c.run, c.model, c.stage2, c.loss, c.dual_path, data)
     mean, std = normalization(c.data, data, model, fresh_model=c.run.stage == 'stage1')
-    sampler = create_sampler(c.loss.sampler, data['labels'], seed=c.run.seed, **c.loss.sampler_kwargs)
+    tensors = c.data.data_cache == 'tensors'
+    # Accelerate shards prepared DataLoaders; a TensorLoader is not prepared, so its sampler shards itself.
+    shard = dict(num_replicas=accelerator.num_processes, rank=accelerator.process_index) if tensors else {}
+    sampler = create_sampler(c.loss.sampler, data['labels'], seed=c.run.seed, **shard, **c.loss.sampler_kwargs)
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, resume=c.run.resume, overwrite=c.run.overwrite)
     accelerator.wait_for_everyone()
@@ -107,8 +110,13 @@ def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[
                       f"({len(data['train'])} training images, counts {data['counts'].tolist()})")
 
     train_dl_local, test_dl = build_loaders(c.data, data, mean, std, batch_size=c.optim.batch_size,
-                                            two_view=c.dual_path.dual_path, sampler=sampler)
-    train_dl, test_dl = accelerator.prepare(train_dl_local, test_dl)
+                                            two_view=c.dual_path.dual_path, sampler=sampler, seed=c.run.seed,
+                                            rank=accelerator.process_index, device=accelerator.device)
+    train_dl = train_dl_local
+    if not tensors:
+        train_dl, test_dl = accelerator.prepare(train_dl_local, test_dl)
+    if c.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if accelerator.num_processes > 1:  # Accelerate never converts BN to SyncBN; CBN/NBN are not _BatchNorm
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     progress = c.log.progress and accelerator.is_local_main_process
@@ -147,7 +155,8 @@ def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[
                                 title=f"{c.run.method} ({arch}): balanced acc {final['balanced_acc']:.3f}")
         data_config = dict(input_size=(data['in_chans'], c.data.input_size, c.data.input_size), mean=tuple(mean),
                            std=tuple(std), crop_pct=c.data.crop_pct, interpolation='bilinear')
-        export_model(model.cpu(), run_dir, class_names=data['splits'].class_names, data_config=data_config)
+        model = model.cpu().to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+        export_model(model, run_dir, class_names=data['splits'].class_names, data_config=data_config)
         print_table(final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
