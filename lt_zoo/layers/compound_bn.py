@@ -301,8 +301,11 @@ class CompoundBatchNorm2d(nn.Module):
             folded = self._cached_eval_constants(x)
             if folded is not None:
                 return cbf.compound_norm_eval(x, folded, self.responsibility_grad)
+        state = (self.running_prior, self.running_mean, self.running_var)
+        if self.training and torch.compiler.is_compiling():
+            state = _state_copy(*state)
         y, stats = cbf.compound_batch_norm(
-            x, self.running_prior, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            x, *state, self.weight, self.bias, self.training,
             self.eps, temperature=self._temperature(), combine=self.combine, train_stats=self.train_stats,
             responsibility_grad=self.responsibility_grad, groups=groups, sync=sync)
         if stats is not None and self.update_running:
@@ -361,6 +364,25 @@ class CompoundBatchNorm2d(nn.Module):
         self.last_counts.copy_(torch.where(ok, counts, self.last_counts.to(counts.dtype)))
         self.num_batches_tracked.add_(ok.long())
         self.num_batches_skipped.add_((~ok).long())
+
+
+@torch.library.custom_op('lt_zoo::cbn_state_copy', mutates_args=())
+def _state_copy(prior: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of the running state that a compiled training graph saves for its backward.
+
+    The partitioner of torch.compile may save a graph input (the running buffer) instead of the values
+    derived from it and recompute them in the backward; the buffer is then read after this forward's,
+    and any later forward's, in-place update (the dual path runs the network several times before one
+    backward: wrong values, or autograd's "modified by an inplace operation").  A custom op is opaque
+    to it, so its outputs are saved instead.  Eager autograd saves fresh tensors and does not need this.
+    """
+    return prior.clone(), mean.clone(), var.clone()
+
+
+@_state_copy.register_fake
+def _(prior, mean, var):
+    return torch.empty_like(prior), torch.empty_like(mean), torch.empty_like(var)
 
 
 def _check_int(name: str, value) -> None:
