@@ -28,22 +28,12 @@ from datetime import datetime, timezone
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py (the script folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # CBN (M=4) vs BN (issue "Compound BN at close to BN's cost"); paper: 1.33x training time on GPU.
 TARGETS = {'eager': 1.3, 'compiled': 1.15}
-
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def build_models(mode: str, num_classes=10):

@@ -33,22 +33,12 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_model  # benchmarks/machine.py (the script folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH = 128
 EVAL_BATCH = 1024
 TARGET = 0.90  # the trainer's data path must reach 90% of model-only throughput
-
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown'
 
 
 def load_data():

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) of CompoundBatchNorm2d equals eager: outputs, gradients, running state."""
+import contextlib
 import copy
 
 import pytest
@@ -50,3 +51,36 @@ def test_gpu_benchmark_refuses_without_cuda_in_one_line():
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and 'no CUDA device' in lines[0], proc.stderr
     assert not os.path.exists(os.path.join(root, 'benchmarks', 'results', 'gpu_speed.json'))
+
+
+@pytest.mark.parametrize('split', [False, True], ids=['compound', 'split'])
+def test_compiled_layer_called_twice_before_backward_matches_eager(split):
+    """The dual path runs a network several times before one backward.  A compiled graph must not read
+    the running state in its backward (the next call updates it in place).  Call 1 has a component
+    normalised with running statistics (a 1x1 map: a single vector in group 3 / an unbalanced soft
+    assignment), call 2 updates that component; backend aot_eager_decomp_partition is inductor's
+    partitioner without code generation."""
+    from lt_zoo.layers.compound_bn import split_norm
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = CompoundBatchNorm2d(5, 4).train()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend='aot_eager_decomp_partition', fullgraph=True)
+    xs = [torch.randn(8, 5, 1, 1) * 2, torch.randn(8, 5, 1, 1) + 1]
+    targets = [torch.tensor([0, 1, 2, 3, 4, 5, 0, 9]), torch.tensor([9, 8, 9, 1, 2, 8, 0, 4])]  # group 3: 1, then 3
+    g = [torch.randn(8, 5, 1, 1) for _ in xs]
+    grads = []
+    for layer in (eager, compiled):
+        xr = [x.clone().requires_grad_() for x in xs]
+        ys = []
+        for x, t in zip(xr, targets):
+            with split_norm(layer if layer is eager else compiled_layer, t, 10) if split else contextlib.nullcontext():
+                ys.append(layer(x))
+        sum((y * gy).sum() for y, gy in zip(ys, g)).backward()
+        grads.append([x.grad for x in xr] + ys)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for p, q in zip(eager.parameters(), compiled_layer.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    for name in ('running_prior', 'running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name), rtol=1e-5, atol=1e-6)

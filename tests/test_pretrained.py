@@ -6,7 +6,6 @@ Face cache in the exact snapshot layout (docs/hub.md#decision-offline-cache-load
     models--lt-zoo--NAME/snapshots/<commit>/{model.safetensors, config.json}
 and timm's real loading code (hf_hub_download through huggingface_hub) reads them with HF_HUB_OFFLINE.
 """
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 
 import timm
+from hf_cache import install_snapshot
 import lt_zoo  # noqa: F401  (registers the lt_zoo architectures)
 from lt_zoo.data import FASHION_MNIST_CLASSES
 from lt_zoo.export import export_model
@@ -40,15 +40,8 @@ def _perturbed(name: str) -> torch.nn.Module:
 
 
 def _install_snapshot(cache: Path, repo_id: str, export_dir: Path) -> Path:
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for name in ('model.safetensors', 'config.json'):
-        shutil.copyfile(export_dir / name, snapshot / name)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)  # huggingface_hub reads it unstripped: no newline
-    return snapshot
+    copy = lambda name: (lambda path: shutil.copyfile(export_dir / name, path))  # noqa: E731
+    return install_snapshot(cache, repo_id, {name: copy(name) for name in ('model.safetensors', 'config.json')})
 
 
 @pytest.fixture(scope='module')

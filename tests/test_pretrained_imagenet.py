@@ -8,7 +8,6 @@ and timm's real loading code reads it offline.  Expectations come from the BN mo
 closed forms written here (docs/pretrained.md states them).
 """
 import copy
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm
+from hf_cache import install_snapshot
 import lt_zoo  # noqa: F401  (registers the lt_zoo architectures)
 from lt_zoo.layers import CompoundBatchNorm2d, CosineClassifier, NormalizedBatchNorm2d, convert_bn_to_cbn
 from lt_zoo.layers.compound_bn import symmetry_directions
@@ -50,15 +50,7 @@ def _timm_bn_model(depth: str) -> nn.Module:
     return model.eval()
 
 
-def _install(cache: Path, repo_id: str, files: dict) -> None:
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    repo = cache / ('models--' + repo_id.replace('/', '--'))
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for name, write in files.items():
-        write(snapshot / name)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)  # huggingface_hub reads it unstripped: no newline
+_install = install_snapshot
 
 
 @pytest.fixture(scope='module')
@@ -320,7 +312,7 @@ def test_places_lt_recipe_runs_one_step_from_the_converted_checkpoint(bn_models,
     argv = ['--config', 'train/configs/places_lt/cbn_resnet50.yaml', '--data_dir', root,
             '--data_files', f"{{train: {tmp_path / 'train.txt'}, test: {tmp_path / 'test.txt'}}}",
             '--output_dir', run, '--input_size', '64', '--batch_size', '8', '--epochs', '1', '--lr', '1e-6',
-            '--mixed_precision', "'no'", '--num_workers', '0', '--progress', 'false', '--save_checkpoints', 'false']
+            '--mixed_precision', 'no', '--num_workers', '0', '--progress', 'false', '--save_checkpoints', 'false']
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE='1')
     proc = subprocess.run([sys.executable, 'train/train.py', *map(str, argv)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)

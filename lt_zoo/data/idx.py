@@ -3,6 +3,11 @@
 Layout (LeCun's MNIST page): bytes 0-1 zero, byte 2 element type (0x08 uint8, 0x09 int8, 0x0B int16,
 0x0C int32, 0x0D float32, 0x0E float64), byte 3 number of dimensions d, then d big-endian uint32 sizes,
 then the data in C order. Files may be gzip-compressed (Debian's dataset-fashion-mnist ships .gz).
+
+Why not torchvision's ``read_sn3_pascalvincent_tensor``: it opens the path as plain bytes (Debian's
+files are .gz), checks the header with ``assert`` (gone under ``python -O``, and the message names no
+file) and never compares the payload size with the header, so a truncated file becomes a short tensor
+instead of an error. This reader keeps those three behaviours (tests/test_data_builtin.py).
 """
 from __future__ import annotations
 

@@ -302,7 +302,7 @@ class CompoundBatchNorm2d(nn.Module):
             if folded is not None:
                 return cbf.compound_norm_eval(x, folded, self.responsibility_grad)
         state = (self.running_prior, self.running_mean, self.running_var)
-        if self.training and torch.compiler.is_compiling():
+        if self.training and torch.compiler.is_compiling():  # a graph's backward must not read the buffers
             state = _state_copy(*state)
         y, stats = cbf.compound_batch_norm(
             x, *state, self.weight, self.bias, self.training,

@@ -39,6 +39,11 @@ class StagePlan:
     eval_model: images -> logits for the test evaluation (the network, which shares the module's weights).
     network: the whole network (for the CBN statistics summary).
     optim: the stage's optimisation section (FSA phase II: fixed lr, no weight decay).
+    compiled: what ``compile: true`` compiles, in place (``nn.Module.compile``: state_dict keys unchanged;
+        evaluation stays eager unless it runs that module, as FSA's head); None: ``module``.  The dual
+        path names the network inside its wrapper: ``split_norm`` switches the CBN layers between the
+        calls, so the switch stays eager and each path gets its own graph (one network forward each)
+        instead of one graph of all forwards.
     """
     module: nn.Module
     params: List[nn.Parameter]
@@ -49,6 +54,7 @@ class StagePlan:
     eval_model: nn.Module
     network: nn.Module
     optim: OptimConfig
+    compiled: Optional[nn.Module] = None
 
 
 @dataclass
@@ -74,8 +80,9 @@ def train_epochs(plan: StagePlan, *, accelerator, run_dir, epochs: int, log: Log
     # Accelerate's scheduler ticks num_processes times per optimizer step (see lt_zoo.training.schedule).
     ticks = _optimizer_steps(plan.loader, accelerator.gradient_accumulation_steps) * accelerator.num_processes
     optimizer, scheduler = make_optimizer(plan.optim, plan.params, ticks)
-    module = torch.compile(plan.module) if compile else plan.module
-    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    if compile:
+        (plan.module if plan.compiled is None else plan.compiled).compile()
+    module, optimizer, scheduler = accelerator.prepare(plan.module, optimizer, scheduler)
     start_epoch = 0
     if resume_from is not None:
         start_epoch = int(ckpt.load_checkpoint(accelerator, resume_from, model=module, optimizer=optimizer,

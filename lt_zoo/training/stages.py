@@ -64,7 +64,7 @@ def stage1(ctx: StageContext) -> StagePlan:
         module, step = inputs, _mixed_step(ctx.loss_fn, ctx.cfg.loss.mixup_alpha)
     return StagePlan(module=module, params=list(model.parameters()), step=step, loader=ctx.train_dl,
                      sampler=ctx.sampler, loss_fn=ctx.loss_fn, eval_model=model, network=model,
-                     optim=ctx.cfg.optim)
+                     optim=ctx.cfg.optim, compiled=inputs)
 
 
 def _freeze_all_but(model: nn.Module, params) -> None:
