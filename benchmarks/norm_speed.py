@@ -77,7 +77,7 @@ def time_models(models, x, y, reps, warmup, compiled: bool):
         for name in ('recompile_limit', 'cache_size_limit'):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    runners = {k: torch.compile(m) if compiled else m for k, m in models.items()}
+    runners = {k: torch.compile(m, dynamic=False) if compiled else m for k, m in models.items()}
     compile_s = {}
     for k, m in runners.items():
         t = time.perf_counter()
