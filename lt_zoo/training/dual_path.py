@@ -62,8 +62,11 @@ class DualPathModel(nn.Module):
                     self.updating.add(f'{path}_weak' if f'{path}_weak' in own else own[0])
 
     def _run(self, key: str, views):
-        with frozen_running_stats(self.model, frozen=key not in self.updating):
-            return self.model(views[key.split('_')[1]])
+        x = views[key.split('_')[1]]
+        if key in self.updating:  # the default 'all' takes this path: no per-forward walk over the modules
+            return self.model(x)
+        with frozen_running_stats(self.model):
+            return self.model(x)
 
     def forward(self, x_weak: torch.Tensor, x_strong: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None):
