@@ -75,6 +75,7 @@ def _worker(rank, world, port, out_dir):
             res = run_case(name, slice(rank * half, (rank + 1) * half))
             save_file({k: v.contiguous() for k, v in res.items()},
                       os.path.join(out_dir, f'{name}_rank{rank}.safetensors'))
+        dist.barrier()  # neither rank tears gloo down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 
