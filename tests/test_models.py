@@ -177,6 +177,48 @@ def test_invalid_option_values_are_refused(name, kwargs, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def _dead_channel_grads(model, in_chans=1):
+    """One CE backward on random data; per residual-block last norm: how many channels got no gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(8, in_chans, 16, 16)
+    F.cross_entropy(model.train()(x), torch.arange(8) % 10).backward()
+    return {n: int((m.weight.grad == 0).sum()) for n, m in model.named_modules() if n.endswith('bn2')}
+
+
+def test_option_a_zero_init_last_kills_the_padded_channels():
+    """Why CIFAR ResNets do not zero-init: with the option-A shortcut, a widening block's new channels are
+    zero padding + zero residual = 0 before the ReLU, whose gradient at 0 is 0, so they never train.
+    The old default (zero_init_last=True) is rebuilt here by hand: stage 2 has 16 of 32 channels dead,
+    stage 3 48 of 64 (16 carried over + 32 padded)."""
+    torch.manual_seed(0)
+    model = CifarResNet(num_classes=10, in_chans=1)
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+    dead = _dead_channel_grads(model)
+    assert {n: d for n, d in dead.items() if n.startswith('layer1')} == {f'layer1.{i}.bn2': 0 for i in range(5)}
+    assert all(dead[f'layer2.{i}.bn2'] == 16 for i in range(5))
+    assert all(dead[f'layer3.{i}.bn2'] == 48 for i in range(5))
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'resnet20_cbn', 'resnet20_nbn', 'resnet20_gcl'])
+def test_cifar_resnets_train_every_channel(name):
+    model = timm.create_model(name, num_classes=10, in_chans=1)
+    for n, m in model.named_modules():
+        if n.endswith('bn2'):
+            assert bool((m.weight != 0).all()), n
+    assert sum(_dead_channel_grads(model).values()) == 0
+
+
+def test_option_a_zero_init_last_is_refused_with_the_reason():
+    with pytest.raises(ValueError) as info:
+        timm.create_model('resnet32', zero_init_last=True)
+    for word in ("zero_init_last=True", "shortcut='A'", 'dead', "shortcut='B'"):
+        assert word in str(info.value)
+    timm.create_model('resnet32', zero_init_last=True, shortcut='B')  # B's 1x1 conv shortcut trains them
+    timm.create_model('resnet32', zero_init_last=True, widths=(16, 16, 16))  # no padding, nothing dead
+
+
 def test_invalid_norm_option_fails_before_the_model_is_built(monkeypatch):
     built, init = [], CifarResNet.__init__
     monkeypatch.setattr(CifarResNet, '__init__', lambda self, *a, **k: built.append(1) or init(self, *a, **k))

@@ -249,8 +249,8 @@ def test_scope_all_gives_every_norm_its_own_alpha(name, kwargs, total):
 
 # ------------------------------------------------------------------------------------------ zero_init_last
 @pytest.mark.parametrize('name, kwargs, zeroed_bn', [
-    ('resnet32_nbn', {}, 'layer2.0.bn2'),
-    ('resnet32_nbn', {'nbn_scope': 'all'}, None),
+    ('resnet32_nbn', {'zero_init_last': True, 'shortcut': 'B'}, 'layer2.0.bn2'),
+    ('resnet32_nbn', {'nbn_scope': 'all', 'zero_init_last': True, 'shortcut': 'B'}, None),
     ('resnet50_nbn', {}, 'layer3.0.bn3'),
     ('resnet18_nbn', {'nbn_scope': 'all'}, None),
 ])
@@ -277,7 +277,8 @@ def test_zero_init_last_is_a_no_op_when_every_norm_is_nbn():
     models = []
     for zero_init_last in (True, False):
         torch.manual_seed(0)
-        models.append(timm.create_model('resnet20_nbn', nbn_scope='all', zero_init_last=zero_init_last))
+        models.append(timm.create_model('resnet20_nbn', nbn_scope='all', shortcut='B',
+                                        zero_init_last=zero_init_last))
     sd_true, sd_false = (m.state_dict() for m in models)
     assert list(sd_true) == list(sd_false)
     assert all(torch.equal(sd_true[k], sd_false[k]) for k in sd_true)

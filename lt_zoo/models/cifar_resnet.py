@@ -61,7 +61,10 @@ class CifarResNet(nn.Module):
         global_pool: timm pool type ('avg', He et al.); '' keeps the (N, 64, H/4, W/4) map, as timm's models.
         drop_rate: dropout before the classifier (0, He et al.).
         norm_layer: timm-style ``norm_layer(num_features, device=, dtype=)`` callable.
-        zero_init_last: zero the last norm weight of every block, as timm's ResNet.
+        zero_init_last: zero the last norm weight of every block, as timm's ResNet (default False, as He et
+            al. and the LDAM/GCL code).  Refused with option-A shortcuts that widen a stage: the zero-padded
+            shortcut channels plus a zero residual are exactly 0 before the ReLU, whose gradient there is 0,
+            so those channels never train (docs/models.md#decision-cifar-initialisation).
         norm_setup: called with the model at the end of construction (before any weight loading),
             e.g. the NBN scope swap of ``lt_zoo.models._builder.setup_norms``.
     Shapes: x (N, in_chans, H, W) -> features (N, 64, H/4, W/4) -> logits (N, num_classes).
@@ -81,7 +84,7 @@ class CifarResNet(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.0,
             norm_layer=nn.BatchNorm2d,
-            zero_init_last: bool = True,
+            zero_init_last: bool = False,
             norm_setup: Optional[Callable[[nn.Module], None]] = None,
             device=None,
             dtype=None,
@@ -97,6 +100,11 @@ class CifarResNet(nn.Module):
         if not (isinstance(layers, (list, tuple)) and len(layers) == 3
                 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in layers)):
             raise ValueError(f"CifarResNet: invalid layers={layers!r}; expected three positive ints (blocks per stage)")
+        if zero_init_last and shortcut == 'A' and any(b > a for a, b in zip(widths, widths[1:])):
+            raise ValueError(
+                f"CifarResNet: zero_init_last=True with shortcut='A' and widths={tuple(widths)} leaves the padded "
+                f"channels dead (zero shortcut + zero residual = 0 at the ReLU, whose gradient there is 0, so they "
+                f"never train); use zero_init_last=False (the default, as He et al.) or shortcut='B'")
         dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
