@@ -7,6 +7,7 @@ per_class_accuracy.png (lt_zoo.plots) and model.safetensors + config.json (lt_zo
 """
 import ast
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -554,3 +555,127 @@ def test_listed_tag_is_checked_against_the_checkpoint(nbn_run, tmp_path, monkeyp
     monkeypatch.setitem(PRETRAINED_TAGS, 'resnet20_nbn.fmnist_lt', dict(listed, mean=(0.5,), num_classes=10))
     write_card(str(run), REPO_ID, str(tmp_path / 'b.md'))
     assert "differs from this checkpoint in ['num_classes', 'mean']" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- benchmark across seeds
+# One row of a benchmark seed table (benchmarks/fmnist_lt.py) as lt_zoo.hub.card.benchmark_row returns it.
+BENCH_ROW = dict(method='cbn', label='+ dual-path learning (DPL) = CBN', seeds=[0, 1, 2],
+                 balanced_acc_per_seed=[0.81234, 0.8129, 0.79871], mean=0.80798, std=0.0076, many=0.84567,
+                 medium=0.7012, few=None, top1=0.81, ece=0.05, last_fifth_gain=0.01,
+                 command='python benchmarks/fmnist_lt.py --seeds 0 1 2',
+                 table='benchmarks/results/fmnist_lt.md')
+BENCH_SECTION = '''## Benchmark across seeds
+
+This checkpoint is seed 1 of the benchmark row `cbn` ("+ dual-path learning (DPL) = CBN"), which trains the same recipe once per seed (balanced test split):
+
+| across seeds | value |
+|---|---|
+| seeds | 3 (0, 1, 2) |
+| balanced accuracy %, mean ± std over seeds | 80.80 ± 0.76 |
+| balanced accuracy % per seed | 81.23, 81.29, 79.87 |
+| many-shot accuracy %, mean over seeds | 84.57 |
+| medium-shot accuracy %, mean over seeds | 70.12 |
+
+From `benchmarks/results/fmnist_lt.md`, produced by `python benchmarks/fmnist_lt.py --seeds 0 1 2`.
+
+## Usage
+'''
+
+
+@pytest.fixture
+def seed1_run(run_copy):
+    """run_copy as seed 1 of BENCH_ROW: config.yaml seed 1, eval.json balanced accuracy 0.8129."""
+    cfg = yaml.safe_load((run_copy / 'config.yaml').read_text())
+    cfg['seed'] = 1
+    (run_copy / 'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev['balanced_acc'] = 0.8129
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    return run_copy
+
+
+def _card(run, **kwargs) -> str:
+    from lt_zoo.hub.card import render_model_card
+    from lt_zoo.hub.run_record import read_run_dir
+    return str(render_model_card(read_run_dir(str(run)), REPO_ID, files=('per_class_accuracy.png',), **kwargs))
+
+
+def test_card_shows_the_benchmark_row_across_seeds(seed1_run):
+    text = _card(seed1_run, benchmark=BENCH_ROW)
+    assert BENCH_SECTION in text  # mean ± std, every per-seed value, seed count, shot-group means; no few (None)
+    assert text.index('## Results') < text.index('![Per-class') < text.index(BENCH_SECTION)
+    assert text.count('## Benchmark across seeds') == 1
+    without = _card(seed1_run)
+    assert 'Benchmark across seeds' not in without and '80.80' not in without
+    assert without == text.replace(BENCH_SECTION, '## Usage\n')  # the section is the only difference
+
+
+def test_benchmark_row_with_one_seed_shows_the_mean_only(seed1_run):
+    row = dict(BENCH_ROW, seeds=[1], balanced_acc_per_seed=[0.8129], mean=0.8129, std=None, many=None, medium=None)
+    text = _card(seed1_run, benchmark=row)
+    section = text[text.index('## Benchmark across seeds'):text.index('## Usage')]
+    assert '| seeds | 1 (1) |\n| balanced accuracy % | 81.29 |\n| balanced accuracy % per seed | 81.29 |\n\n' in section
+    assert '±' not in section and 'shot' not in section
+
+
+def test_benchmark_row_of_another_run_is_refused(seed1_run):
+    with pytest.raises(ValueError, match=r"seed 1, which is not one of benchmark row 'cbn'"):
+        _card(seed1_run, benchmark=dict(BENCH_ROW, seeds=[0, 2, 3]))
+    with pytest.raises(ValueError, match=r"records 0\.8 for seed 1: the table was made from another run"):
+        _card(seed1_run, benchmark=dict(BENCH_ROW, balanced_acc_per_seed=[0.81234, 0.8, 0.79871]))
+    with pytest.raises(ValueError, match=r"lacks \['table'\]"):
+        _card(seed1_run, benchmark={k: v for k, v in BENCH_ROW.items() if k != 'table'})
+
+
+def _write_table(folder: Path) -> Path:
+    row = {k: v for k, v in BENCH_ROW.items() if k not in ('table', 'command')}
+    table = {'meta': {'protocol': 'train/configs/fmnist_lt/_base.yaml', 'command': BENCH_ROW['command']},
+             'results': [dict(row, command='python train/train.py --config train/configs/fmnist_lt/cbn.yaml --seed K'),
+                         dict(row, method='ldam_drw', seeds=[], balanced_acc_per_seed=[], mean=None, std=None)]}
+    path = folder / 'fmnist_lt.json'
+    path.write_text(json.dumps(table))
+    return path
+
+
+def test_card_command_takes_a_benchmark_table(seed1_run, tmp_path, capsys):
+    from lt_zoo.hub import benchmark_row
+    table = _write_table(tmp_path)
+    assert benchmark_row(str(table), 'cbn') == dict(BENCH_ROW, table=str(table))  # meta command, JSON path
+    (tmp_path / 'fmnist_lt.md').write_text('| id | ... |\n')
+    assert benchmark_row(str(table), 'cbn')['table'] == str(tmp_path / 'fmnist_lt.md')  # the readable table
+    assert benchmark_row(str(table), 'ldam_drw') is None and benchmark_row(str(table), 'gcl') is None
+    out = tmp_path / 'card.md'
+    argv = ['card', str(seed1_run), '--repo-id', REPO_ID, '--out', str(out), '--benchmark', str(table)]
+    assert hub_main(argv + ['--benchmark-row', 'cbn']) == 0
+    assert BENCH_SECTION.replace('benchmarks/results/fmnist_lt.md', str(tmp_path / 'fmnist_lt.md')) in out.read_text()
+    capsys.readouterr()
+    assert hub_main(argv + ['--benchmark-row', 'ldam_drw']) == 2
+    assert "has no finished seed of row 'ldam_drw'" in capsys.readouterr().err
+    assert hub_main(argv) == 2  # the test repo is no SOURCE_ROWS tag: the row must be named
+    assert '--benchmark needs --benchmark-row' in capsys.readouterr().err
+
+
+def _render_all():
+    spec = importlib.util.spec_from_file_location('render_all', CHECKOUT / 'hub_cards' / 'render_all.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_render_all_passes_each_tag_its_benchmark_row():
+    from lt_zoo.models.pretrained_tags import BENCHMARK_TABLE, SOURCE_ROWS, SOURCE_RUNS
+    spec = importlib.util.spec_from_file_location('fmnist_lt_benchmark', CHECKOUT / 'benchmarks' / 'fmnist_lt.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(SOURCE_ROWS) == set(SOURCE_RUNS) == set(PRETRAINED_TAGS)
+    assert set(SOURCE_ROWS.values()) <= set(bench.TABLES['fmnist_lt']) <= set(bench.RUNS)
+    table = json.loads((CHECKOUT / BENCHMARK_TABLE).read_text())
+    by_id = {r['method']: r for r in table['results']}
+    rows = _render_all().benchmark_rows()
+    assert set(rows) == set(SOURCE_RUNS)
+    for tag, row in rows.items():
+        want = by_id.get(SOURCE_ROWS[tag])
+        if want is None or not want['seeds']:
+            assert row is None, tag
+        else:
+            assert row == dict(want, table='benchmarks/results/fmnist_lt.md', command=table['meta']['command']), tag

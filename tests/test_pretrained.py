@@ -6,6 +6,7 @@ Face cache in the exact snapshot layout (docs/hub.md#decision-offline-cache-load
     models--lt-zoo--NAME/snapshots/<commit>/{model.safetensors, config.json}
 and timm's real loading code (hf_hub_download through huggingface_hub) reads them with HF_HUB_OFFLINE.
 """
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import lt_zoo  # noqa: F401  (registers the lt_zoo architectures)
 from lt_zoo.data import FASHION_MNIST_CLASSES
 from lt_zoo.export import export_model
 from lt_zoo.layers.cosine_classifier import CosineClassifier
-from lt_zoo.models.pretrained_tags import HF_ORG, PRETRAINED_TAGS, SOURCE_RUNS
+from lt_zoo.models import pretrained_tags
+from lt_zoo.models.pretrained_tags import HF_ORG, PRETRAINED_TAGS, SOURCE_ROWS, SOURCE_RUNS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHED_TAGS = ('resnet32_cbn.fmnist_lt', 'resnet32_gcl.fmnist_lt')  # a CBN model and a cosine-head model
@@ -98,7 +100,8 @@ def test_tag_cfg_is_the_fashion_mnist_checkpoint():
     cfg = model.pretrained_cfg
     assert cfg['tag'] == 'fmnist_lt' and cfg['hf_hub_filename'] == 'model.safetensors'
     assert not cfg.get('hf_hub_id')  # not published: no download is promised
-    assert cfg['input_size'] == (1, 28, 28) and cfg['architecture'] == 'resnet32_cbn'
+    assert cfg['input_size'] == (1, 16, 16) and cfg['architecture'] == 'resnet32_cbn'  # benchmark protocol v3
+    assert cfg['pool_size'] == (4, 4) and model.forward_features(torch.zeros(1, 1, 16, 16)).shape[-2:] == (4, 4)
 
 
 def test_every_tag_is_registered_and_consistent():
@@ -115,16 +118,27 @@ def test_every_tag_is_registered_and_consistent():
         assert cfg['num_classes'] == len(cfg['label_names'])
 
 
+def _benchmark_runs():
+    """benchmarks/fmnist_lt.py RUNS (run id -> (label, config, overrides, stage-1 run id)), loaded from its file."""
+    spec = importlib.util.spec_from_file_location('fmnist_lt_benchmark', REPO_ROOT / 'benchmarks' / 'fmnist_lt.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RUNS
+
+
 def test_source_runs_match_the_benchmark_configs():
-    """Each tag's run directory is the output_dir of a fmnist_lt config whose (stage-1) model is the tag's arch."""
-    configs = {}
-    for path in (REPO_ROOT / 'train' / 'configs' / 'fmnist_lt').glob('*.yaml'):
-        cfg = yaml.safe_load(path.read_text())
-        if 'output_dir' in cfg:
-            configs[cfg['output_dir']] = cfg
+    """Each tag's run is the seed-0 directory of a benchmark row trained with a fmnist_lt config as it is
+    (no overrides), whose (stage-1) model is the tag's arch."""
+    runs = _benchmark_runs()
+    configs = REPO_ROOT / 'train' / 'configs' / 'fmnist_lt'
+    assert set(SOURCE_ROWS) == set(SOURCE_RUNS)
     for name, run in SOURCE_RUNS.items():
-        cfg = configs[run]
-        model = cfg.get('model') or configs[cfg['stage1_dir']]['model']
+        row = SOURCE_ROWS[name]
+        _, config, overrides, stage1 = runs[row]
+        assert run == f'runs/bench/{row}/seed0' and overrides == {}, (name, run)
+        assert pretrained_tags._STAGE1_ROWS.get(row) == stage1, row  # what the train-locally message names
+        cfg = yaml.safe_load((configs / config).read_text())
+        model = cfg.get('model') or yaml.safe_load((configs / runs[stage1][1]).read_text())['model']
         assert model == name.split('.')[0], (name, run)
 
 
@@ -136,11 +150,17 @@ def _as_published(name):
 
 @pytest.mark.parametrize('name', CACHED_TAGS)
 def test_unpublished_tag_says_so_and_how_to_train_it(offline, name):
-    run = SOURCE_RUNS[name]
+    run, row = SOURCE_RUNS[name], SOURCE_ROWS[name]
     with pytest.raises(RuntimeError, match='is not published yet') as info:
         timm.create_model(name, pretrained=True)  # even with the repo in the cache: nothing is promised
     text = str(info.value)
-    assert f"python train/train.py --config train/configs/fmnist_lt/{run.split('/')[-1]}.yaml" in text
+    assert f"python train/train.py --config train/configs/fmnist_lt/{row}.yaml --seed 0 --output_dir {run}" in text
+    if name == 'resnet32_gcl.fmnist_lt':  # stage 2 (cRT): its GCL stage-1 run first, then the stage-2 run on it
+        stage1 = ('python train/train.py --config train/configs/fmnist_lt/gcl.yaml --seed 0 '
+                  '--output_dir runs/bench/gcl/seed0`, then `python train/train.py --config '
+                  'train/configs/fmnist_lt/gcl_crt.yaml --seed 0 --output_dir runs/bench/gcl_crt/seed0 '
+                  '--stage1_dir runs/bench/gcl/seed0`')
+        assert stage1 in text
     assert f"timm.create_model('local-dir:{run}', pretrained=True)" in text
     assert f"python -m lt_zoo.hub push {run} --repo-id {PRETRAINED_TAGS[name]['hf_hub_id']}" in text
 
@@ -177,18 +197,18 @@ def test_other_num_classes_resets_only_the_head(offline, name, head):
     body = [k for k in original if not k.startswith('fc.')]
     assert set(got) - {'fc.weight', 'fc.bias'} == set(body)
     assert all(torch.equal(got[k], original[k]) for k in body)
-    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 4)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 4)
 
 
 def test_architecture_mismatch_is_a_clear_error(offline):
-    overlay = dict(hf_hub_id='lt-zoo/resnet32_cbn.fmnist_lt', num_classes=10, input_size=(1, 28, 28))
+    overlay = dict(hf_hub_id='lt-zoo/resnet32_cbn.fmnist_lt', num_classes=10, input_size=(1, 16, 16))
     # CBN weights into an NBN network: keys differ
     with pytest.raises(RuntimeError, match=r'Missing key\(s\)|Unexpected key\(s\)'):
         timm.create_model('resnet32_nbn', pretrained=True, in_chans=1, pretrained_cfg_overlay=overlay)
     # a 1-channel checkpoint into a 3-channel stem: the model's filter names the fix
     with pytest.raises(ValueError, match='in_chans=1'):
         timm.create_model('resnet32_cbn', pretrained=True, in_chans=3,
-                          pretrained_cfg_overlay=dict(overlay, input_size=(1, 28, 28)))
+                          pretrained_cfg_overlay=dict(overlay, input_size=(1, 16, 16)))
 
 
 def test_loading_is_offline(offline):

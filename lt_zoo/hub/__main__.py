@@ -1,8 +1,14 @@
-"""Command line of lt_zoo.hub: ``push`` (or ``push --dry-run``) a run directory, or render its ``card``."""
+"""Command line of lt_zoo.hub: ``push`` (or ``push --dry-run``) a run directory, or render its ``card``.
+
+``--benchmark benchmarks/results/fmnist_lt.json`` adds the run's row of that seed table to the card
+(``--benchmark-row``, default: the row of the repo's tag in lt_zoo.models.pretrained_tags.SOURCE_ROWS).
+"""
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
+from ..models.pretrained_tags import HF_ORG, SOURCE_ROWS
+from .card import benchmark_row
 from .publish import push_run, write_card
 
 
@@ -18,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument('--fold-nbn', action='store_true',
                        help='fold Normalized BN into plain BN (ImageNet depths then load in vanilla timm)')
         p.add_argument('--template', default=None, help='model card Jinja template (default hub_cards/model_card_template.md)')
+        p.add_argument('--benchmark', default=None, metavar='TABLE_JSON',
+                       help='benchmark seed table (e.g. benchmarks/results/fmnist_lt.json): the card shows the '
+                            "run's row across seeds")
+        p.add_argument('--benchmark-row', default=None, metavar='ID',
+                       help="row id in --benchmark (its 'method', e.g. cbn); default: the row of the repo's tag "
+                            'in lt_zoo.models.pretrained_tags.SOURCE_ROWS')
     push.add_argument('--private', action='store_true', help='create the repo private')
     push.add_argument('--dry-run', action='store_true', help='write the folder and list it; upload nothing')
     push.add_argument('--out', default=None, help='folder to build (dry run default: RUN_DIR/hub_export)')
@@ -28,13 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command; any failure is printed as one ``error:`` line on stderr (exit 2), never a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.benchmark_row is not None and args.benchmark is None:
+        parser.error('--benchmark-row needs --benchmark TABLE_JSON')
     try:
+        benchmark = _benchmark(args.benchmark, args.benchmark_row, args.repo_id)
         if args.command == 'push':
             push_run(args.run_dir, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
-                     fold_nbn=args.fold_nbn, commit_message=args.commit_message, template_path=args.template)
+                     fold_nbn=args.fold_nbn, commit_message=args.commit_message, template_path=args.template,
+                     benchmark=benchmark)
         else:
-            write_card(args.run_dir, args.repo_id, args.out, fold_nbn=args.fold_nbn, template_path=args.template)
+            write_card(args.run_dir, args.repo_id, args.out, fold_nbn=args.fold_nbn, template_path=args.template,
+                       benchmark=benchmark)
     except KeyboardInterrupt:
         print('error: interrupted', file=sys.stderr)
         return 130
@@ -42,6 +60,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: {one_line(e)}', file=sys.stderr)
         return 2
     return 0
+
+
+def _benchmark(table: Optional[str], row_id: Optional[str], repo_id: str) -> Optional[Dict[str, Any]]:
+    """The card's benchmark row (None without --benchmark); ValueError when it cannot be shown."""
+    if table is None:
+        return None
+    if row_id is None:
+        tag = repo_id.split('/', 1)[-1] if repo_id.startswith(f'{HF_ORG}/') else None
+        row_id = SOURCE_ROWS.get(tag)
+        if row_id is None:
+            raise ValueError(f"--benchmark needs --benchmark-row ID: {repo_id!r} is not a tag of "
+                             f"lt_zoo.models.pretrained_tags.SOURCE_ROWS")
+    row = benchmark_row(table, row_id)
+    if row is None:
+        raise ValueError(f"benchmark table {table!r} has no finished seed of row {row_id!r}")
+    return row
 
 
 def one_line(e: BaseException) -> str:

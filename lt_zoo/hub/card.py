@@ -2,9 +2,12 @@
 
 Every number in the card is read from the run: results, per-class accuracies, class counts and the
 long-tail record from eval.json, the recipe from the resolved config.yaml, input size and normalisation
-from the exported config.json.  Nothing is typed in by hand.
+from the exported config.json.  Nothing is typed in by hand.  Optionally the card also shows the run's row
+of a benchmark seed table (``benchmark``: one row of e.g. benchmarks/results/fmnist_lt.json, read with
+``benchmark_row``): its mean, std and per-seed balanced accuracy, numbers taken from that row only.
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,7 +21,8 @@ from ..metrics import shot_groups
 from ..models.pretrained_tags import PRETRAINED_TAGS
 from .citations import PAPERS, papers_for
 
-__all__ = ['DEFAULT_TEMPLATE', 'card_data_for', 'render_model_card', 'dataset_ids', 'needs_lt_zoo_import']
+__all__ = ['DEFAULT_TEMPLATE', 'benchmark_row', 'card_data_for', 'render_model_card', 'dataset_ids',
+           'needs_lt_zoo_import']
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = _CHECKOUT / 'hub_cards' / 'model_card_template.md'
@@ -159,18 +163,93 @@ def _repo_relative_text(text: Optional[str]) -> Optional[str]:
     return text
 
 
+def benchmark_row(table_path: str, row_id: str) -> Optional[Dict[str, Any]]:
+    """Row ``row_id`` of a benchmark seed table (benchmarks/fmnist_lt.py's ``<table>.json``) for a card.
+
+    Returns the row plus ``table`` (the table's Markdown file next to the JSON when there is one, else the
+    JSON; relative to this checkout when inside it) and ``command`` (the table's ``meta.command``, which
+    replaces the row's per-seed training command), or None when the table has no such row or the row has
+    no finished seed yet.
+    """
+    path = Path(table_path)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"benchmark table {str(table_path)!r} not found (benchmarks/fmnist_lt.py writes "
+                                f"benchmarks/results/fmnist_lt.json)") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"benchmark table {str(table_path)!r} is unreadable: {' '.join(str(e).split())}") from None
+    if not isinstance(table, dict) or not isinstance(table.get('results'), list) or \
+            not isinstance(table.get('meta'), dict) or not table['meta'].get('command'):
+        raise ValueError(f"benchmark table {str(table_path)!r} is not a seed table: expected "
+                         f"{{'meta': {{..., 'command': ...}}, 'results': [...]}}")
+    row = next((r for r in table['results'] if isinstance(r, dict) and r.get('method') == row_id), None)
+    if row is None or not row.get('seeds'):
+        return None
+    shown = path.with_suffix('.md') if path.with_suffix('.md').is_file() else path
+    return dict(row, table=_repo_relative_text(os.path.abspath(shown)), command=table['meta']['command'])
+
+
+def _pct(v: float) -> str:
+    return f'{100 * v:.2f}'
+
+
+def _benchmark_context(benchmark: Optional[Dict[str, Any]], record) -> Optional[Dict[str, Any]]:
+    """What the card's "Benchmark across seeds" section shows, every number from ``benchmark``.
+
+    Refuses a row this run is not part of: the run's seed (config.yaml ``seed``) must be one of the row's
+    seeds, with the row's balanced accuracy for that seed equal to the run's eval.json ``balanced_acc``.
+    """
+    if benchmark is None:
+        return None
+    absent = [k for k in ('method', 'seeds', 'balanced_acc_per_seed', 'mean', 'table', 'command')
+              if benchmark.get(k) is None]
+    if absent:
+        raise ValueError(f"benchmark row lacks {absent}; expected a row of the seed table plus 'table' and "
+                         f"'command' (lt_zoo.hub.card.benchmark_row)")
+    row_id, seeds, values = benchmark['method'], list(benchmark['seeds']), list(benchmark['balanced_acc_per_seed'])
+    if not seeds or len(seeds) != len(values):
+        raise ValueError(f"benchmark row {row_id!r}: seeds {seeds} and balanced_acc_per_seed {values} do not match "
+                         f"one to one")
+    seed = record.train_config.get('seed')
+    if seed not in seeds:
+        raise ValueError(f"run {str(record.path)!r} has seed {seed!r}, which is not one of benchmark row {row_id!r}'s "
+                         f"seeds {seeds}; the card would show another run's table")
+    run_value, row_value = record.eval['balanced_acc'], values[seeds.index(seed)]
+    if not math.isclose(run_value, row_value, rel_tol=0.0, abs_tol=1e-9):
+        raise ValueError(f"run {str(record.path)!r} has balanced accuracy {run_value}, but benchmark row {row_id!r} "
+                         f"records {row_value} for seed {seed}: the table was made from another run")
+    std = benchmark.get('std')
+    rows = [('seeds', f"{len(seeds)} ({', '.join(str(s) for s in seeds)})"),
+            ('balanced accuracy %, mean ± std over seeds' if std is not None else 'balanced accuracy %',
+             _pct(benchmark['mean']) + (f' ± {_pct(std)}' if std is not None else '')),
+            ('balanced accuracy % per seed', ', '.join(_pct(v) for v in values))]
+    rows += [(f'{group}-shot accuracy %, mean over seeds', _pct(benchmark[group]))
+             for group in ('many', 'medium', 'few') if benchmark.get(group) is not None]
+    return dict(row=row_id, label=benchmark.get('label'), seed=seed, rows=rows,
+                table=_repo_relative_text(str(benchmark['table'])),
+                command=_repo_relative_text(str(benchmark['command'])))
+
+
 def _escape(s: Any) -> str:
     return str(s).replace('|', '\\|')
 
 
 def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str, Any]] = None,
-                      files: Sequence[str] = (), template_path: Optional[str] = None) -> ModelCard:
-    """The model card of ``record`` published as ``repo_id`` (``export_config``: the published config.json)."""
+                      files: Sequence[str] = (), template_path: Optional[str] = None,
+                      benchmark: Optional[Dict[str, Any]] = None) -> ModelCard:
+    """The model card of ``record`` published as ``repo_id`` (``export_config``: the published config.json).
+
+    ``benchmark``: the run's row of a benchmark seed table (``benchmark_row``); adds the section
+    "Benchmark across seeds" after the results.  Without it the card shows this run only.
+    """
     template = Path(template_path) if template_path else DEFAULT_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(f"model card template {str(template)!r} not found; pass template_path "
                                 f"(CLI: --template)")
     ev, cfg = record.eval, record.train_config
+    across_seeds = _benchmark_context(benchmark, record)
     export_config = export_config or record.export_config
     arch = export_config['architecture']
     pcfg = export_config.get('pretrained_cfg', {})
@@ -202,5 +281,5 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
         long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
         indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,
         has_plot='per_class_accuracy.png' in files, has_metrics='metrics.jsonl' in files,
-        has_training_config='training_config.yaml' in files,
+        has_training_config='training_config.yaml' in files, benchmark=across_seeds,
     )

@@ -94,10 +94,12 @@ def _check_out_dir(out: Path, run_dir: Path) -> None:
 
 
 def build_hub_folder(record: RunRecord, out_dir: str, repo_id: str, *, fold: bool = False,
-                     template_path: Optional[str] = None) -> Tuple[Path, List[str]]:
+                     template_path: Optional[str] = None,
+                     benchmark: Optional[Dict[str, Any]] = None) -> Tuple[Path, List[str]]:
     """Write the Hub repository folder of ``record`` to ``out_dir``; returns (folder, file names).
 
     ``out_dir`` may be absent, empty, or a previous export (replaced); anything else is refused.
+    ``benchmark``: the run's benchmark seed-table row for the card (``lt_zoo.hub.card.benchmark_row``).
     """
     out = Path(out_dir)
     _check_out_dir(out, record.path)
@@ -120,7 +122,8 @@ def build_hub_folder(record: RunRecord, out_dir: str, repo_id: str, *, fold: boo
             if src is not None:
                 shutil.copyfile(src, tmp / src.name)
         card = render_model_card(record, repo_id, export_config=read_export_config(os.fspath(tmp)),
-                                 files=sorted(os.listdir(tmp)), template_path=template_path)
+                                 files=sorted(os.listdir(tmp)), template_path=template_path,
+                                 benchmark=benchmark)
         card.save(tmp / CARD_NAME)
         for p in tmp.iterdir():  # mkdtemp and safetensors leave 0700/0600; the folder is meant to be shared
             os.chmod(p, 0o644)

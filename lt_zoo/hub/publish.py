@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import HFValidationError
@@ -70,11 +70,13 @@ def _describe(folder: Path, files: List[str]) -> str:
 
 def push_run(run_dir: str, repo_id: str, *, private: bool = False, dry_run: bool = False,
              out: Optional[str] = None, fold_nbn: bool = False, commit_message: Optional[str] = None,
-             template_path: Optional[str] = None, api: Optional[HfApi] = None, log=print) -> PushResult:
+             template_path: Optional[str] = None, benchmark: Optional[Dict[str, Any]] = None,
+             api: Optional[HfApi] = None, log=print) -> PushResult:
     """Build the Hub folder of ``run_dir`` and, unless ``dry_run``, upload it to ``repo_id`` in one commit.
 
     ``out``: where the folder is written (dry run default ``RUN_DIR/hub_export``; a real push without
-    ``out`` builds in a temporary folder that is removed after the upload).  ``api`` is for tests.
+    ``out`` builds in a temporary folder that is removed after the upload).  ``benchmark``: the run's
+    benchmark seed-table row, shown in the card (``lt_zoo.hub.card.benchmark_row``).  ``api`` is for tests.
     """
     validate_repo_id(repo_id)
     token = None if dry_run else resolve_token()
@@ -82,7 +84,8 @@ def push_run(run_dir: str, repo_id: str, *, private: bool = False, dry_run: bool
     with tempfile.TemporaryDirectory(prefix='lt_zoo_hub_') as scratch:
         if out is None:
             out = os.path.join(run_dir, 'hub_export') if dry_run else os.path.join(scratch, 'export')
-        folder, files = build_hub_folder(record, out, repo_id, fold=fold_nbn, template_path=template_path)
+        folder, files = build_hub_folder(record, out, repo_id, fold=fold_nbn, template_path=template_path,
+                                         benchmark=benchmark)
         name, entry, warnings = pretrained_tag_entry(record, read_export_config(os.fspath(folder)), repo_id)
         result = PushResult(repo_id=repo_id, folder=folder, files=files, uploaded=False, tag_name=name,
                             tag_entry=entry)
@@ -107,8 +110,11 @@ def push_run(run_dir: str, repo_id: str, *, private: bool = False, dry_run: bool
 
 
 def write_card(run_dir: str, repo_id: str, out_path: str, *, fold_nbn: bool = False,
-               template_path: Optional[str] = None, log=print) -> Path:
+               template_path: Optional[str] = None, benchmark: Optional[Dict[str, Any]] = None,
+               log=print) -> Path:
     """Render only the model card of ``run_dir`` (as published at ``repo_id``) to ``out_path``.
+
+    ``benchmark``: the run's benchmark seed-table row, shown in the card (``lt_zoo.hub.card.benchmark_row``).
 
     The card describes exactly what ``push`` would publish, so the folder is built and verified in a
     temporary directory and only its README.md is kept.  Prints the pretrained tag entry to paste.
@@ -120,7 +126,7 @@ def write_card(run_dir: str, repo_id: str, out_path: str, *, fold_nbn: bool = Fa
         raise ValueError(f"--out {out_path!r} is a directory; give the card's file name, e.g. hub_cards/NAME.md")
     with tempfile.TemporaryDirectory(prefix='lt_zoo_card_') as scratch:
         folder, _ = build_hub_folder(record, os.path.join(scratch, 'export'), repo_id, fold=fold_nbn,
-                                     template_path=template_path)
+                                     template_path=template_path, benchmark=benchmark)
         name, entry, warnings = pretrained_tag_entry(record, read_export_config(os.fspath(folder)), repo_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f'.{target.name}.tmp')

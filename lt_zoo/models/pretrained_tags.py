@@ -9,9 +9,10 @@ Two kinds of ``'arch.tag'`` (usage and the full table: docs/pretrained.md):
   They are the default tag of their architecture, so ``timm.create_model('resnet50_cbn', pretrained=True)``
   loads them.  Not trained on long-tailed data.
 - **lt_zoo-trained checkpoints** (``PRETRAINED_TAGS``, the ResNet-32 Fashion-MNIST-LT benchmark):
-  repos ``lt-zoo/<arch>.<tag>``.  Each entry records ``published``; an unpublished tag is registered
-  without a weight source (``timm.list_pretrained`` does not list it) and ``pretrained=True`` names the
-  command that trains it locally.  ``python -m lt_zoo.hub push RUN --repo-id lt-zoo/NAME`` uploads a run and
+  repos ``lt-zoo/<arch>.<tag>``, each the seed-0 run of its benchmark row (``SOURCE_RUNS``,
+  ``SOURCE_ROWS``).  Each entry records ``published``; an unpublished tag is registered without a weight
+  source (``timm.list_pretrained`` does not list it) and ``pretrained=True`` names the commands that train
+  it locally.  ``python -m lt_zoo.hub push RUN --repo-id lt-zoo/NAME`` uploads a run and
   prints its entry; paste it here with ``published=True``.
 
 Every tag loads ``model.safetensors`` only (``hf_hub_filename``): timm would otherwise retry the pickled
@@ -36,8 +37,8 @@ import timm
 from timm.models import get_pretrained_cfg
 from timm.models._builder import resolve_pretrained_cfg
 
-__all__ = ['HF_ORG', 'PRETRAINED_TAGS', 'SOURCE_RUNS', 'TIMM_SOURCE_TAGS', 'WEIGHTS_FILE', 'converted_tag',
-           'with_pretrained_tags', 'check_pretrained', 'hub_errors']
+__all__ = ['BENCHMARK_TABLE', 'HF_ORG', 'PRETRAINED_TAGS', 'SOURCE_ROWS', 'SOURCE_RUNS', 'TIMM_SOURCE_TAGS',
+           'WEIGHTS_FILE', 'converted_tag', 'with_pretrained_tags', 'check_pretrained', 'hub_errors']
 
 HF_ORG = 'lt-zoo'
 # The only file a tag loads; timm's default would fall back to the pickled pytorch_model.bin.
@@ -47,12 +48,14 @@ WEIGHTS_FILE = 'model.safetensors'
 _FASHION_MNIST_LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                          'Ankle boot')
 
-# Fashion-MNIST-LT benchmark (train/configs/fmnist_lt/_base.yaml): IF 100, exp profile, cao2019 selection,
-# seed 0 -> 14,886 training images (indices hash 52323999b1542c91), 28x28x1.  mean/std: the training split's
-# (lt_zoo.data.dataset_mean_std, normalize: dataset), which every benchmark run records in its config.json
+# Fashion-MNIST-LT benchmark, protocol v3 (train/configs/fmnist_lt/_base.yaml, benchmarks/fmnist_lt.py
+# PROTOCOL_VERSION): IF 100, exp profile, cao2019 selection, lt_seed 0 -> 14,886 training images (indices hash
+# 52323999b1542c91), resized to 16x16x1, so ResNet-32 (two stride-2 stages) ends on a 4x4 map.  mean/std: the
+# training split's (lt_zoo.data.dataset_mean_std, normalize: dataset), computed on the images at their stored
+# 28x28 size, so the input size does not change them; every benchmark run records them in its config.json
 # pretrained_cfg; stage-2 runs inherit them from stage 1.  Replace with the printed entry if they differ.
 _FMNIST_LT = dict(
-    num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7), crop_pct=1.0, interpolation='bilinear',
+    num_classes=10, input_size=(1, 16, 16), pool_size=(4, 4), crop_pct=1.0, interpolation='bilinear',
     mean=(0.2979101838236302,), std=(0.3550707124808394,), label_names=_FASHION_MNIST_LABELS,
     license='apache-2.0', origin_url='https://github.com/zalandoresearch/fashion-mnist',
 )
@@ -92,17 +95,33 @@ PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
         'resnet32.fmnist_lt_fsa', 'ResNet-32, cross-entropy + FSA phase II, Fashion-MNIST-LT (IF 100)', _FSA),
 }
 
-# The benchmark run directory each tag is published from; its config is train/configs/fmnist_lt/<last part>.yaml
-#   python -m lt_zoo.hub push runs/fmnist_lt/cbn --repo-id lt-zoo/resnet32_cbn.fmnist_lt
+# The benchmark run each tag is published from: the seed-0 run directory benchmarks/fmnist_lt.py writes
+# (runs/bench/<row id>/seed<k>, trained with the config of RUNS[<row id>] there, no overrides, and --seed k).
+#   python -m lt_zoo.hub push runs/bench/cbn/seed0 --repo-id lt-zoo/resnet32_cbn.fmnist_lt \
+#       --benchmark benchmarks/results/fmnist_lt.json
 SOURCE_RUNS: Dict[str, str] = {
-    'resnet32.fmnist_lt': 'runs/fmnist_lt/ce',
-    'resnet32.fmnist_lt_bs': 'runs/fmnist_lt/balanced_softmax',
-    'resnet32_gcl.fmnist_lt_ldam': 'runs/fmnist_lt/ldam_drw',
-    'resnet32_gcl.fmnist_lt': 'runs/fmnist_lt/gcl_crt',
-    'resnet32_nbn.fmnist_lt': 'runs/fmnist_lt/nbn',
-    'resnet32_cbn.fmnist_lt': 'runs/fmnist_lt/cbn',
-    'resnet32.fmnist_lt_fsa': 'runs/fmnist_lt/fsa',
+    'resnet32.fmnist_lt': 'runs/bench/ce/seed0',
+    'resnet32.fmnist_lt_bs': 'runs/bench/balanced_softmax/seed0',
+    'resnet32_gcl.fmnist_lt_ldam': 'runs/bench/ldam_drw/seed0',
+    'resnet32_gcl.fmnist_lt': 'runs/bench/gcl_crt/seed0',
+    'resnet32_nbn.fmnist_lt': 'runs/bench/nbn/seed0',
+    'resnet32_cbn.fmnist_lt': 'runs/bench/cbn/seed0',
+    'resnet32.fmnist_lt_fsa': 'runs/bench/fsa/seed0',
 }
+# Each tag's row of the benchmark seed table (benchmarks/results/fmnist_lt.json "results"[i]["method"], a run
+# id of benchmarks/fmnist_lt.py RUNS); its card shows that row's mean, std and per-seed values.
+SOURCE_ROWS: Dict[str, str] = {
+    'resnet32.fmnist_lt': 'ce',
+    'resnet32.fmnist_lt_bs': 'balanced_softmax',
+    'resnet32_gcl.fmnist_lt_ldam': 'ldam_drw',
+    'resnet32_gcl.fmnist_lt': 'gcl_crt',
+    'resnet32_nbn.fmnist_lt': 'nbn',
+    'resnet32_cbn.fmnist_lt': 'cbn',
+    'resnet32.fmnist_lt_fsa': 'fsa',
+}
+# The benchmark's seed table and the stage-1 row id of each stage-2 row above (benchmarks/fmnist_lt.py RUNS).
+BENCHMARK_TABLE = 'benchmarks/results/fmnist_lt.json'
+_STAGE1_ROWS = {'gcl_crt': 'gcl', 'fsa': 'ce'}
 
 # Depth -> timm's default ImageNet tag of that depth (timm 1.0 timm/models/resnet.py default_cfgs: the first
 # tag of each depth; a test checks them against the installed timm).  The converted lt_zoo tag has its name.
@@ -175,12 +194,21 @@ def _lt_zoo_pretrained() -> list:
 
 
 def _train_locally(name: str) -> str:
-    run = SOURCE_RUNS.get(name)
-    if run is None:
+    """How to train tag ``name`` as the benchmark does (its seed-0 run), or '' for a name without a source run."""
+    run, row = SOURCE_RUNS.get(name), SOURCE_ROWS.get(name)
+    if run is None or row is None:
         return ''
-    config = f"train/configs/fmnist_lt/{run.rsplit('/', 1)[-1]}.yaml"
-    return (f" Train it locally with `python train/train.py --config {config}` (writes {run}; a stage-2 config "
-            f"needs its stage1_dir run first), then load it with timm.create_model('local-dir:{run}', pretrained=True).")
+    seed = run.rsplit('seed', 1)[-1]
+    argv = f"--config train/configs/fmnist_lt/{row}.yaml --seed {seed} --output_dir {run}"
+    stage1 = _STAGE1_ROWS.get(row)
+    first = ''
+    if stage1:
+        stage1_dir = run.replace(f'/{row}/', f'/{stage1}/')
+        argv += f" --stage1_dir {stage1_dir}"
+        first = (f"python train/train.py --config train/configs/fmnist_lt/{stage1}.yaml --seed {seed} "
+                 f"--output_dir {stage1_dir}`, then `")
+    return (f" Train it locally as the benchmark does (seed {seed}): `{first}python train/train.py {argv}`, then "
+            f"load it with timm.create_model('local-dir:{run}', pretrained=True).")
 
 
 def check_pretrained(variant: str, pretrained: bool, kwargs: Dict[str, Any]) -> None:
