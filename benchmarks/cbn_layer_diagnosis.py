@@ -7,6 +7,8 @@ For every norm layer of each given run (BN or CBN, in network order) this measur
   equally).  BN in eval is one affine map per channel, so F(out) / F(in) = 1 exactly for BN: the row
   is the check of the measurement.  For CBN the ratio says whether the per-position mixture of
   affine maps keeps (1), sharpens (> 1) or erases (< 1) what the layer's input knew about the class;
+- **channels with weight exactly 0** (in every component): a channel the network cannot use; protocol v2's
+  zero-initialised option-A ResNets left 16 and 48 such channels in each block of stages 2 and 3;
 - **the mixture** (CBN only): running priors pi_k, the mean responsibility of each component per
   class (test images), the normalised mutual information I(k; y) / H(k) of component and class (0: the
   components ignore the class, 1: each class has its own), and the mean posterior entropy / log M
@@ -96,7 +98,9 @@ def diagnose(run_dir: Path) -> dict:
         a = acc[name]
         zin, zout = torch.cat(a['zin']), torch.cat(a['zout'])
         f_in, f_out = fisher_ratio(zin, y, k), fisher_ratio(zout, y, k)
-        row = dict(layer=name, kind=type(m).__name__, fisher_in=f_in, fisher_out=f_out, ratio=f_out / f_in)
+        w = m.weight.detach().reshape(-1, m.weight.shape[-1])  # (M or 1, C)
+        row = dict(layer=name, kind=type(m).__name__, fisher_in=f_in, fisher_out=f_out, ratio=f_out / f_in,
+                   zero_weight_channels=int((w == 0).all(0).sum()), channels=int(w.shape[1]))
         if a['r']:
             r = torch.cat(a['r'])  # (N, M)
             usage = torch.stack([r[y == c].mean(0) for c in range(k)])  # (K, M) p(k | y)
@@ -121,13 +125,12 @@ def write(results, out: Path, command: str) -> None:
              'class) / H(component) on the test set; entropy = mean posterior entropy / log M.', '']
     for res in results:
         lines += [f"## `{res['run']}` (test top-1 {100 * res['test_top1']:.2f})", '',
-                  '| layer | kind | F(in) | F(out) | ratio | min prior | NMI | entropy |', '|---|---|---|---|---|---|---|---|']
+                  '| layer | kind | zero-weight channels | F(in) | F(out) | ratio | min prior | NMI | entropy |',
+                  '|---|---|---|---|---|---|---|---|---|']
         for r in res['layers']:
-            cbn = 'prior' in r
-            lines.append(f"| {r['layer']} | {r['kind']} | {r['fisher_in']:.3f} | {r['fisher_out']:.3f} | "
-                         f"{r['ratio']:.3f} | {min(r['prior']):.3f} | {r['nmi']:.3f} | {r['entropy']:.3f} |" if cbn else
-                         f"| {r['layer']} | {r['kind']} | {r['fisher_in']:.3f} | {r['fisher_out']:.3f} | "
-                         f"{r['ratio']:.3f} | - | - | - |")
+            mix = (f"{min(r['prior']):.3f} | {r['nmi']:.3f} | {r['entropy']:.3f}" if 'prior' in r else '- | - | -')
+            lines.append(f"| {r['layer']} | {r['kind']} | {r['zero_weight_channels']}/{r['channels']} | "
+                         f"{r['fisher_in']:.3f} | {r['fisher_out']:.3f} | {r['ratio']:.3f} | {mix} |")
         lines.append('')
     out.with_suffix('.md').write_text('\n'.join(lines))
     try:

@@ -1,0 +1,54 @@
+"""The measuring code of benchmarks/: the CBN layer diagnosis and the benchmark runner's record fingerprint."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+diag = _load('cbn_layer_diagnosis')
+
+
+def test_fisher_ratio_matches_a_closed_form():
+    # channel 0: classes at -1 and +1 with no within-class spread -> 1; channel 1: the same values for
+    # both classes -> 0; channel 2: class means -1/+1, within-class values +-1 -> between 1, within 1 -> 1/2
+    y = torch.tensor([0, 0, 1, 1])
+    z = torch.tensor([[-1., 3., -2.], [-1., 5., 0.], [1., 3., 0.], [1., 5., 2.]], dtype=torch.float64)
+    assert diag.fisher_ratio(z, y, 2) == pytest.approx((1 + 0 + 0.5) / 3, abs=1e-12)
+
+
+def test_fisher_ratio_weights_classes_equally_and_is_affine_invariant():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.zeros(900, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    z = torch.randn(1000, 4, generator=gen, dtype=torch.float64) + y[:, None] * torch.tensor([0., 1., 2., 3.],
+                                                                                          dtype=torch.float64)
+    a, b = torch.tensor([2., -0.5, 7., 1e-3], dtype=torch.float64), torch.tensor([1., 2., 3., 4.], dtype=torch.float64)
+    assert diag.fisher_ratio(z * a + b, y, 2) == pytest.approx(diag.fisher_ratio(z, y, 2), rel=1e-10)
+    # equal class weights: a float64 reference written with numpy, per channel
+    zn, yn = z.numpy(), y.numpy()
+    ref = []
+    for c in range(4):
+        means = np.array([zn[yn == k, c].mean() for k in (0, 1)])
+        within = np.mean([zn[yn == k, c].var() for k in (0, 1)])
+        ref.append(means.var() / (means.var() + within))
+    assert diag.fisher_ratio(z, y, 2) == pytest.approx(float(np.mean(ref)), rel=1e-10)
+
+
+def test_runner_fingerprint_carries_the_protocol_version(monkeypatch):
+    bench = _load('fmnist_lt')
+    cfg = {'epochs': 25, 'lr': 0.1, 'output_dir': 'runs/x'}
+    fp = bench.fingerprint(cfg)
+    assert fp == bench.fingerprint(dict(cfg, output_dir='elsewhere'))  # where a run writes is not protocol
+    assert fp != bench.fingerprint(dict(cfg, epochs=26))
+    monkeypatch.setattr(bench, 'PROTOCOL_VERSION', bench.PROTOCOL_VERSION - 1)
+    assert bench.fingerprint(cfg) != fp  # an older protocol's records never match
