@@ -83,6 +83,7 @@ TABLES = {
 }
 # Table ids of the CBN ablation rows, as the issue and the paper name them.
 ABLATION_IDS = {'balanced_softmax': 'bs', 'cbn': 'bs_aa_cbn_sbn_dpl'}
+RUNS_BY_ID = {v: k for k, v in ABLATION_IDS.items()}
 # Keys that do not change what a run computes (where it writes, how it reports).
 _NOT_PROTOCOL = {'output_dir', 'overwrite', 'resume', 'progress', 'stop_after_epoch', 'log_with', 'stage1_dir',
                  'save_checkpoints', 'keep_checkpoints', 'num_workers', 'command'}
@@ -234,6 +235,43 @@ def last_fifth_gain(run, seed):
     return evals[last] - evals[at] if at in evals and at < last else None
 
 
+def eval_curve(run, seed):
+    """{epoch: balanced accuracy} of a recorded (run, seed) pair's evaluations."""
+    path = ROOT / record_dir(run, seed) / 'metrics.jsonl'
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r['epoch']: r['test_balanced_acc'] for r in rows if r.get('test_balanced_acc') is not None}
+
+
+def plot_curves(table, rows, seeds):
+    """<table>_curves.png: balanced accuracy against epoch, seed mean (band: min-max over seeds), per row."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in rows:
+        curves = [c for c in (eval_curve(RUNS_BY_ID.get(r['method'], r['method']), s) for s in r['seeds']) if c]
+        epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not epochs:
+            continue
+        vals = [[100 * c[e] for e in epochs] for c in curves]
+        mean = [statistics.fmean(v) for v in zip(*vals)]
+        line, = ax.plot(epochs, mean, marker='o', ms=3, label=f"{r['method']} ({len(curves)} seed(s))")
+        if len(curves) > 1:
+            ax.fill_between(epochs, [min(v) for v in zip(*vals)], [max(v) for v in zip(*vals)],
+                            color=line.get_color(), alpha=0.15)
+    ax.set(xlabel='epoch', ylabel='balanced accuracy (%)', title=f'{table}: test curves (band: min-max over seeds)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(ROOT / RESULTS / f'{table}_curves.png', dpi=110)
+    plt.close(fig)
+
+
 def command_argv_for_report(run):
     label, config, overrides, stage1 = RUNS[run]
     argv = ['--config', str(CONFIGS / config), '--seed', 'K']
@@ -285,7 +323,9 @@ def write_table(table, seeds, args, fp_meta):
                       "it (docs/compound_bn_numerics.md)."]
     lines += ['', 'Rows (each seed K = 0, 1, 2 replaces `K`):', '']
     lines += [f"- `{r['method']}`: `{r['command']}`" for r in rows]
+    lines += ['', f'Curves (seed mean against epoch, band = min-max over seeds): `{table}_curves.png`.']
     (ROOT / RESULTS / f'{table}.md').write_text('\n'.join(lines) + '\n')
+    plot_curves(table, rows, seeds)
     print('\n'.join(lines))
 
 
