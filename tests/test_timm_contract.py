@@ -162,7 +162,10 @@ def test_jit_trace_in_eval(name):
     with torch.no_grad():
         traced = torch.jit.trace(model, x, check_trace=False)  # checked below, on another input
         other = _input(name, n=3) * 2
-        torch.testing.assert_close(traced(other), model(other))
+        expected = model(other)
+        # deep CIFAR ResNets start with every residual branch on (no zero init), so their logits reach
+        # ~1e3 at init: compare at float32 precision relative to the output's magnitude
+        torch.testing.assert_close(traced(other), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize('name', ALL)
