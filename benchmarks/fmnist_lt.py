@@ -329,6 +329,60 @@ def write_table(table, seeds, args, fp_meta):
     print('\n'.join(lines))
 
 
+# The targets of the benchmark (docs/benchmark.md): a verdict needs every row involved at >= MIN_SEEDS seeds.
+MIN_SEEDS = 3
+CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m2', 'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once')
+
+
+def write_targets(seeds):
+    """targets.json/.md: each target of the protocol, with the rows it compares and met / missed / pending."""
+    rows = {r: summarise(r, seeds) for r in RUNS}
+    ok = lambda *ids: all(len(rows[i]['seeds']) >= MIN_SEEDS for i in ids)
+    pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
+
+    def verdict(ids, met):
+        if any(rows[i]['mean'] is None for i in ids):
+            return 'no data'
+        return ('met' if met else 'missed') if ok(*ids) else 'pending (fewer than 3 seeds)'
+
+    targets = []
+    cbn = [r for r in CBN_ROWS if rows[r]['mean'] is not None]
+    if cbn and rows['bs_aa']['mean'] is not None:
+        best = max(cbn, key=lambda r: rows[r]['mean'])
+        d = rows[best]['mean'] - rows['bs_aa']['mean']
+        targets.append(dict(target='best CBN row >= bs_aa + 2.0 points', rows=[best, 'bs_aa'], value=d,
+                            text=f'{best} {pct(rows[best]["mean"])} - bs_aa {pct(rows["bs_aa"]["mean"])} = {100 * d:+.2f}',
+                            verdict=verdict([best, 'bs_aa'], d >= 0.02)))
+    if rows['gcl_crt']['mean'] is not None and rows['ce']['mean'] is not None:
+        d = rows['gcl_crt']['mean'] - rows['ce']['mean']
+        targets.append(dict(target='GCL + cRT above CE', rows=['gcl_crt', 'ce'], value=d,
+                            text=f'gcl_crt {pct(rows["gcl_crt"]["mean"])} - ce {pct(rows["ce"]["mean"])} = {100 * d:+.2f}',
+                            verdict=verdict(['gcl_crt', 'ce'], d > 0)))
+    lo, hi = rows['ce']['mean'], rows['ce_balanced']['mean']
+    methods = [r for r in TABLES['fmnist_lt'] + TABLES['gcl_diagnosis'] + TABLES['cbn_ablation']
+               if r not in ('ce', 'ce_balanced') and rows[r]['mean'] is not None]
+    if lo is not None and hi is not None and hi > lo and methods:
+        best = max(methods, key=lambda r: rows[r]['mean'])
+        g = (rows[best]['mean'] - lo) / (hi - lo)
+        targets.append(dict(target='best method closes >= 70% of the gap CE -> CE on a balanced subset',
+                            rows=[best, 'ce', 'ce_balanced'], value=g,
+                            text=f'({pct(rows[best]["mean"])} - {pct(lo)}) / ({pct(hi)} - {pct(lo)}) = {100 * g:.0f}% ({best})',
+                            verdict=verdict([best, 'ce', 'ce_balanced'], g >= 0.7)))
+    for r in ('ce', 'balanced_softmax'):
+        gain = rows[r]['last_fifth_gain']
+        if gain is not None:
+            targets.append(dict(target=f'{r} plateaus: last 20% of epochs add < 0.5 points', rows=[r], value=gain,
+                                text=f'{r}: {100 * gain:+.2f} (seed mean)', verdict=verdict([r], gain < 0.005)))
+    (ROOT / RESULTS / 'targets.json').write_text(json.dumps(dict(seeds=seeds, min_seeds=MIN_SEEDS, targets=targets),
+                                                            indent=2))
+    lines = ['# Fashion-MNIST-LT benchmark: targets', '',
+             f'From the committed records (`python benchmarks/fmnist_lt.py --report_only`); seed means over seeds '
+             f'{seeds}; a verdict needs {MIN_SEEDS} seeds of every row it compares.', '',
+             '| target | measured | verdict |', '|---|---|---|']
+    lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
+    (ROOT / RESULTS / 'targets.md').write_text('\n'.join(lines) + '\n')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--tables', nargs='+', default=sorted(TABLES), choices=sorted(TABLES))
@@ -359,6 +413,7 @@ def main(argv=None):
             print(f'failed: {failed}', flush=True)
     for t in args.tables:
         write_table(t, args.seeds, args, {})
+    write_targets(args.seeds)
 
 
 if __name__ == '__main__':
