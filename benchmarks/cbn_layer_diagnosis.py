@@ -123,6 +123,18 @@ def write(results, out: Path, command: str) -> None:
              'F = Fisher ratio of the per-image channel means (between-class / total variance, mean over '
              'channels); ratio = F(out) / F(in), exactly 1 for BN (one affine map per channel). NMI = I(component; '
              'class) / H(component) on the test set; entropy = mean posterior entropy / log M.', '']
+    lines += ['| run | test top-1 | norm layers | mean ratio | min ratio | mean NMI | mean entropy | components with prior < 0.01 |',
+              '|---|---|---|---|---|---|---|---|']
+    for res in results:
+        ls = res['layers']
+        mix = [r for r in ls if 'prior' in r]
+        mean = lambda xs: sum(xs) / len(xs)
+        lines.append(f"| `{res['run']}` | {100 * res['test_top1']:.2f} | {len(ls)} | {mean([r['ratio'] for r in ls]):.3f} | "
+                     f"{min(r['ratio'] for r in ls):.3f} | "
+                     + (f"{mean([r['nmi'] for r in mix]):.3f} | {mean([r['entropy'] for r in mix]):.3f} | "
+                        f"{sum(p < 0.01 for r in mix for p in r['prior'])}/{sum(len(r['prior']) for r in mix)} |"
+                        if mix else '- | - | - |'))
+    lines.append('')
     for res in results:
         lines += [f"## `{res['run']}` (test top-1 {100 * res['test_top1']:.2f})", '',
                   '| layer | kind | zero-weight channels | F(in) | F(out) | ratio | min prior | NMI | entropy |',
