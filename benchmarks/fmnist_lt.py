@@ -223,12 +223,8 @@ def summarise(run, seeds) -> dict:
 
 def last_fifth_gain(run, seed):
     """Balanced accuracy gained over the last 20% of epochs (final minus the evaluation at 80%), or None."""
-    path = ROOT / record_dir(run, seed) / 'metrics.jsonl'
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    evals = {r['epoch']: r['test_balanced_acc'] for r in rows if r.get('test_balanced_acc') is not None}
-    if not evals or len(rows) < 5:
+    evals = eval_curve(run, seed)
+    if not evals:
         return None
     last = max(evals)
     at = round(0.8 * last)
