@@ -203,12 +203,16 @@ def schedule(args, pairs, fps):
     return failed
 
 
-def summarise(run, seeds) -> dict:
-    evs = []
-    for s in seeds:
-        path = ROOT / record_dir(run, s) / 'eval.json'
-        if path.exists():
-            evs.append((s, json.loads(path.read_text())))
+def recorded_seeds(run, args) -> list:
+    """Every seed of ``run`` with a committed record made under the current protocol (its fingerprint)."""
+    base = ROOT / RECORDS / run
+    seeds = sorted(int(d.name[4:]) for d in base.glob('seed*') if d.name[4:].isdigit()) if base.is_dir() else []
+    return [s for s in seeds if is_recorded(run, s, fingerprint(resolved_config(run, s, args)))]
+
+
+def summarise(run, args) -> dict:
+    """One table row: every recorded seed of ``run`` (not only those of this invocation), mean ± sample std."""
+    evs = [(s, json.loads((ROOT / record_dir(run, s) / 'eval.json').read_text())) for s in recorded_seeds(run, args)]
     mean = lambda xs: statistics.fmean(xs) if xs else None
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else None
     groups = {g: [e[g] for _, e in evs if e.get(g) is not None] for g in ('many', 'medium', 'few', 'top1', 'ece')}
@@ -240,7 +244,7 @@ def eval_curve(run, seed):
     return {r['epoch']: r['test_balanced_acc'] for r in rows if r.get('test_balanced_acc') is not None}
 
 
-def plot_curves(table, rows, seeds):
+def plot_curves(table, rows):
     """<table>_curves.png: balanced accuracy against epoch, seed mean (band: min-max over seeds), per row."""
     try:
         import matplotlib
@@ -276,8 +280,8 @@ def command_argv_for_report(run):
     return argv + overrides_argv(overrides)
 
 
-def write_table(table, seeds, args, fp_meta):
-    rows = [summarise(r, seeds) for r in TABLES[table]]
+def write_table(table, args, rows_by_run):
+    rows = [dict(rows_by_run[r]) for r in TABLES[table]]
     if table == 'cbn_ablation':
         for r in rows:
             r['method'] = ABLATION_IDS.get(r['method'], r['method'])
@@ -286,9 +290,11 @@ def write_table(table, seeds, args, fp_meta):
         lo, hi = by['ce']['mean'], by['ce_balanced']['mean']
         for r in rows:
             r['gap_closed'] = None if r['mean'] is None or hi <= lo else (r['mean'] - lo) / (hi - lo)
-    meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', **fp_meta, python=platform.python_version(),
+    # The table is a function of the committed records alone, so its command is the one that rebuilds it;
+    # the per-row training commands follow the table.
+    meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', python=platform.python_version(),
                 machine=platform.machine(), cpu_count=os.cpu_count(), jobs=args.jobs, threads_per_job=args.threads,
-                command='python benchmarks/fmnist_lt.py ' + ' '.join(sys.argv[1:]))
+                command=REPORT_COMMAND, trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
     (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
     pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
@@ -321,18 +327,18 @@ def write_table(table, seeds, args, fp_meta):
     lines += [f"- `{r['method']}`: `{r['command']}`" for r in rows]
     lines += ['', f'Curves (seed mean against epoch, band = min-max over seeds): `{table}_curves.png`.']
     (ROOT / RESULTS / f'{table}.md').write_text('\n'.join(lines) + '\n')
-    plot_curves(table, rows, seeds)
+    plot_curves(table, rows)
     print('\n'.join(lines))
 
 
 # The targets of the benchmark (docs/benchmark.md): a verdict needs every row involved at >= MIN_SEEDS seeds.
 MIN_SEEDS = 3
+REPORT_COMMAND = 'python benchmarks/fmnist_lt.py --report_only'
 CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m2', 'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once')
 
 
-def write_targets(seeds):
+def write_targets(rows):
     """targets.json/.md: each target of the protocol, with the rows it compares and met / missed / pending."""
-    rows = {r: summarise(r, seeds) for r in RUNS}
     ok = lambda *ids: all(len(rows[i]['seeds']) >= MIN_SEEDS for i in ids)
     pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
 
@@ -369,11 +375,11 @@ def write_targets(seeds):
         if gain is not None:
             targets.append(dict(target=f'{r} plateaus: last 20% of epochs add < 0.5 points', rows=[r], value=gain,
                                 text=f'{r}: {100 * gain:+.2f} (seed mean)', verdict=verdict([r], gain < 0.005)))
-    (ROOT / RESULTS / 'targets.json').write_text(json.dumps(dict(seeds=seeds, min_seeds=MIN_SEEDS, targets=targets),
+    (ROOT / RESULTS / 'targets.json').write_text(json.dumps(dict(command=REPORT_COMMAND, min_seeds=MIN_SEEDS, targets=targets),
                                                             indent=2))
     lines = ['# Fashion-MNIST-LT benchmark: targets', '',
-             f'From the committed records (`python benchmarks/fmnist_lt.py --report_only`); seed means over seeds '
-             f'{seeds}; a verdict needs {MIN_SEEDS} seeds of every row it compares.', '',
+             f'From the committed records (`{REPORT_COMMAND}`); seed means over every recorded seed of a row; '
+             f'a verdict needs {MIN_SEEDS} seeds of every row it compares.', '',
              '| target | measured | verdict |', '|---|---|---|']
     lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
     (ROOT / RESULTS / 'targets.md').write_text('\n'.join(lines) + '\n')
@@ -383,7 +389,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--tables', nargs='+', default=sorted(TABLES), choices=sorted(TABLES))
     ap.add_argument('--runs_only', nargs='+', default=None, choices=sorted(RUNS), help='only these run ids')
-    ap.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    ap.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
+                    help='seeds to train; the tables always summarise every recorded seed')
     ap.add_argument('--jobs', type=int, default=2, help='trainings at the same time')
     ap.add_argument('--threads', type=int, default=1, help='torch threads per training')
     ap.add_argument('--eval_every', type=int, default=None, help='override eval_every of the protocol')
@@ -407,9 +414,10 @@ def main(argv=None):
         failed = schedule(args, todo, fps)
         if failed:
             print(f'failed: {failed}', flush=True)
+    rows = {r: summarise(r, args) for r in RUNS}
     for t in args.tables:
-        write_table(t, args.seeds, args, {})
-    write_targets(args.seeds)
+        write_table(t, args, rows)
+    write_targets(rows)
 
 
 if __name__ == '__main__':

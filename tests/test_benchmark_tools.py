@@ -52,3 +52,24 @@ def test_runner_fingerprint_carries_the_protocol_version(monkeypatch):
     assert fp != bench.fingerprint(dict(cfg, epochs=26))
     monkeypatch.setattr(bench, 'PROTOCOL_VERSION', bench.PROTOCOL_VERSION - 1)
     assert bench.fingerprint(cfg) != fp  # an older protocol's records never match
+
+
+def test_runner_rows_summarise_every_recorded_seed_of_the_current_protocol(tmp_path, monkeypatch):
+    """A table row reads every seed on disk whose record matches the protocol, whatever --seeds was given."""
+    import json
+    from types import SimpleNamespace
+    bench = _load('fmnist_lt')
+    monkeypatch.chdir(ROOT)  # the method configs are resolved relative to the repository
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    args = SimpleNamespace(runs='runs/bench', eval_every=None, compile=False)
+    for seed, acc in ((0, 0.80), (1, 0.90), (4, 0.70), (2, 0.10)):
+        fp = bench.fingerprint(bench.resolved_config('ce', seed, args)) if seed != 2 else 'made-by-an-older-protocol'
+        d = tmp_path / bench.record_dir('ce', seed)
+        d.mkdir(parents=True)
+        (d / 'eval.json').write_text(json.dumps({'balanced_acc': acc, 'protocol_fingerprint': fp}))
+    row = bench.summarise('ce', args)
+    assert row['seeds'] == [0, 1, 4]  # seed 2's record is from another protocol
+    assert row['balanced_acc_per_seed'] == [0.80, 0.90, 0.70]
+    assert row['mean'] == pytest.approx(0.80)
+    assert row['std'] == pytest.approx(0.10)  # sample std of (0.8, 0.9, 0.7)
+    assert bench.summarise('balanced_softmax', args)['seeds'] == []
