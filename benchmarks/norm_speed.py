@@ -5,7 +5,8 @@
     python benchmarks/norm_speed.py --sizes 16 --threads 2 --modes eager compiled
 
 Grid: input map size (--sizes, 32 = CIFAR, 16 = the 16x16 protocol) x torch threads (--threads) x mode
-(--modes: eager, compiled = ``torch.compile`` of the whole model).  Models: ``resnet32``, ``resnet32_nbn``,
+(--modes: eager, compiled = ``torch.compile`` of the whole model) x memory format (--memory_formats:
+contiguous, channels_last = model and input converted).  Models: ``resnet32``, ``resnet32_nbn``,
 ``resnet32_cbn`` (M = 4; M = 2 and a no-norm ResNet-32 in eager, to attribute time).  Training step =
 forward + cross-entropy + backward + SGD step; eval = forward under ``no_grad``.  Models are timed
 round-robin (one step of each per repetition) so load changes hit all alike; medians of wall-clock and
@@ -254,6 +255,8 @@ def main():
     ap.add_argument('--sizes', type=int, nargs='+', default=[32, 16], help='input map sizes (32: CIFAR)')
     ap.add_argument('--threads', type=int, nargs='+', default=[1, 2])
     ap.add_argument('--modes', nargs='+', default=['eager', 'compiled'], choices=['eager', 'compiled'])
+    ap.add_argument('--memory_formats', nargs='+', default=['contiguous'], choices=['contiguous', 'channels_last'],
+                    help='memory format of the models and inputs (channels_last: the layout-aware CBN kernels)')
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--reps', type=int, default=10)
     ap.add_argument('--warmup', type=int, default=3)
@@ -279,15 +282,19 @@ def main():
     for threads in args.threads:
         torch.set_num_threads(threads)
         for size in args.sizes:
-            x = torch.randn(args.batch, 3, size, size)
+            x0 = torch.randn(args.batch, 3, size, size)
             y = torch.randint(0, 10, (args.batch,))
-            for mode in args.modes:
-                cell = f'{size}x{size} {threads}t {mode}'
+            for mode, fmt in [(m, f) for m in args.modes for f in args.memory_formats]:
+                cell = f'{size}x{size} {threads}t {mode}' + (' channels_last' if fmt == 'channels_last' else '')
                 if cell in res['cells']:
                     print(f'{cell}: done already (--fresh to redo)')
                     continue
                 load = os.getloadavg()[0]
                 models = build_models(mode)
+                x = x0
+                if fmt == 'channels_last':
+                    models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+                    x = x0.contiguous(memory_format=torch.channels_last)
                 timing = time_models(models, x, y, args.reps, args.warmup, mode == 'compiled')
                 res['cells'][cell] = {'models': timing, 'load_before': load, 'load_after': os.getloadavg()[0]}
                 if mode == 'eager' and 'profile' not in res:

@@ -29,6 +29,13 @@ __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficient
 MIN_COUNT = 1.0
 # Responsibilities below this are set to 0: irrelevant, and subnormal floats are slow on CPUs.
 _R_FLOOR = 1e-30
+# Two formulations of the same math (equal to float64 rounding, tests/test_compound_bn_kernels.py):
+# 'gemm': every sum over C or M is a batched GEMM with M on one side and the backward is analytic, so
+#   eager never holds an M x map-sized temporary; 'pointwise': broadcasts of (N, M, C, H, W) and sums,
+#   differentiated by autograd; eager would materialise them, but torch.compile fuses them into a few
+#   loops over the map (BN's memory traffic; GEMMs with an inner dimension of M stay library calls).
+# 'auto' picks 'pointwise' while torch.compile traces and 'gemm' otherwise.
+KERNELS = ('auto', 'gemm', 'pointwise')
 
 
 class BatchStats(NamedTuple):
@@ -49,6 +56,10 @@ class FoldedEval(NamedTuple):
     const: torch.Tensor  # (M,)
     scale: torch.Tensor  # (M, C) c_k A_k
     offset: torch.Tensor  # (M, C) c_k (beta_k - A_k (mu_k - s))
+
+
+def _pointwise(kernel: str) -> bool:
+    return kernel == 'pointwise' or (kernel == 'auto' and torch.compiler.is_compiling())
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -120,6 +131,59 @@ def _to4(t, h: int, w: int) -> torch.Tensor:
     return t.unflatten(2, (h, w)) if t.shape[2] > 1 else t.unsqueeze(3)
 
 
+def _pointwise_view(xc4):
+    """(xe, component axis, channel axis, position axes): a 5-D view of the map whose channel axis has
+    the map's own stride order, (N, 1, C, H, W) for a contiguous map and (N, H, W, 1, C) for a
+    channels_last one, so every sum over channels or positions runs along memory."""
+    if xc4.stride(1) == 1 and xc4.shape[1] > 1 and xc4.shape[2] * xc4.shape[3] > 1:
+        return xc4.permute(0, 2, 3, 1).unsqueeze(3), 3, 4, (0, 1, 2)
+    return xc4.unsqueeze(1), 1, 2, (0, 3, 4)
+
+
+def _bview(t, comp: int, chan: Optional[int] = None) -> torch.Tensor:
+    """(M,) or (M, C) coefficients as a 5-D tensor broadcasting against _pointwise_view's xe."""
+    shape = [1] * 5
+    shape[comp] = t.shape[0]
+    if chan is not None:
+        shape[chan] = t.shape[1]
+    return t.reshape(shape)
+
+
+def _pointwise_posteriors(xc4, coef) -> torch.Tensor:
+    """softmax_k of l_pk / T in _pointwise_view's layout (size 1 on the channel axis): broadcasts and
+    one sum over C, no GEMM."""
+    w1, w2, const = coef
+    xe, comp, chan, _ = _pointwise_view(xc4)
+    logits = (xe * (_bview(w1, comp, chan) + xe * _bview(w2, comp, chan))).sum(chan, keepdim=True)
+    R = torch.softmax(logits + _bview(const, comp), comp)
+    return R if R.requires_grad else F.threshold(R, _R_FLOOR, 0.0)
+
+
+def _pointwise_groups(groups, m: int, xc4) -> torch.Tensor:
+    """The split path's one-hot group of each image as responsibilities in _pointwise_view's layout."""
+    _, comp, _, _ = _pointwise_view(xc4)
+    shape = [xc4.shape[0], 1, 1, 1, 1]
+    shape[comp] = m
+    return F.one_hot(groups, m).to(xc4.dtype).reshape(shape)
+
+
+def _pointwise_sums(R, xc4) -> torch.Tensor:
+    """_batch_sums as broadcasts and sums: (M, 2 + 2C); R per position or per image (split path)."""
+    xe, comp, chan, pos = _pointwise_view(xc4)
+    hw = xc4.shape[2] * xc4.shape[3]
+    per_pos = R.numel() // (R.shape[0] * R.shape[comp])
+    rep = hw // per_pos  # H*W when R holds one weight per image
+    return torch.cat([(R.sum(pos + (chan,)) * rep).unsqueeze(1), ((R * R).sum(pos + (chan,)) * rep).unsqueeze(1),
+                      (R * xe).sum(pos), (R * (xe * xe)).sum(pos)], 1)
+
+
+def _pointwise_mix(R, scale, offset, xc4) -> torch.Tensor:
+    """y = sum_k r_pk (scale_k (x_p - s) + offset_k) as (N, C, H, W) in the map's layout."""
+    xe, comp, chan, _ = _pointwise_view(xc4)
+    y = (R * (_bview(scale, comp, chan) * xe + _bview(offset, comp, chan))).sum(comp)
+    return y if comp == 1 else y.permute(0, 3, 1, 2)
+
+
 def _mix(R, scale, offset, xc4, out4: Optional[torch.Tensor]) -> torch.Tensor:
     """y = X * (R scale) + R offset per vector, as a 4-D tensor in x's layout (never a view: in-place
     ReLU downstream then needs no CopySlices).  ``out4``: a free buffer to write into (no autograd)."""
@@ -170,9 +234,15 @@ def fold_running(prior, mean, var, weight, bias, eps: float, temperature: float,
     return FoldedEval(shift, w1, w2, const, scale, offset)
 
 
-def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool = False) -> torch.Tensor:
+def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool = False,
+                       kernel: str = 'auto') -> torch.Tensor:
     """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
-    Two map-sized buffers: x - s, and (x - s)^2 which then receives the output."""
+    GEMM kernel: two map-sized buffers, x - s and (x - s)^2, which then receives the output."""
+    if _pointwise(kernel):
+        xc4 = torch.sub(x, f.shift.view(1, -1, 1, 1))
+        with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
+            R = _pointwise_posteriors(xc4, (f.w1, f.w2, f.const))
+        return _pointwise_mix(R, f.scale, f.offset, xc4).to(x.dtype)
     xc4 = _standard_layout(torch.sub(x, f.shift.view(1, -1, 1, 1)))
     with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
         sq4 = xc4 * xc4
@@ -210,19 +280,27 @@ def _batch_sums(R, X, X2) -> torch.Tensor:
 
 
 def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
-                   combine: str, use_batch: bool, responsibility_grad: bool, sync: bool):
+                   combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False):
     """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward)."""
     X = xc4.flatten(2)
     c = X.shape[1]
     X2 = sq4 = None
-    if groups is None:
+    if pointwise:
+        if groups is None:
+            with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
+                R = _pointwise_posteriors(xc4, estep_coefficients(prior, mean_rel, var, eps, temperature))
+        else:
+            R = _pointwise_groups(groups, prior.shape[0], xc4)
+        sums = _pointwise_sums(R, xc4)
+    elif groups is None:
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
             sq4 = xc4 * xc4
             X2 = sq4.flatten(2)
             R = _posteriors(X, X2, estep_coefficients(prior, mean_rel, var, eps, temperature))
     else:  # split path: the one-hot group of each image
         R = F.one_hot(groups, prior.shape[0]).to(X.dtype).unsqueeze(2)
-    sums = _batch_sums(R, X, X2)
+    if not pointwise:
+        sums = _batch_sums(R, X, X2)
     if sync:
         sums = _all_reduce(sums)
     counts, sumsq, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2:c + 2], sums[:, c + 2:]
@@ -239,6 +317,8 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
         prior = counts / counts.sum()
     cw = _mn_weights(prior) if combine == 'mn' and groups is None else None
     scale, offset, inv = _affine(weight, bias, mean_rel, var, eps, cw)
+    if pointwise:
+        return _pointwise_mix(R, scale, offset, xc4), stats, None
     graph = _needs_graph(xc4, scale, offset)
     if sq4 is None and not graph:
         sq4 = torch.empty_like(xc4)
@@ -317,21 +397,30 @@ def compound_batch_norm(
         weight: torch.Tensor, bias: torch.Tensor, training: bool, eps: float = 1e-5, *,
         temperature: float = 1.0, combine: str = 'posterior', train_stats: str = 'batch',
         responsibility_grad: bool = False, groups: Optional[torch.Tensor] = None, sync: bool = False,
+        kernel: str = 'auto',
 ) -> Tuple[torch.Tensor, Optional[BatchStats]]:
     """CBN of an (N, C, H, W) map: (output in x's dtype and layout, BatchStats in training else None).
 
     The running tensors are read, never written.  ``groups`` (N,) int64: the split path (image n
     normalised by component groups[n] with that group's batch statistics; training only).  ``sync``:
     all-reduce the batch sums over the initialised process group.  Options as CompoundBatchNorm2d's.
+    ``kernel``: see :data:`KERNELS`.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     cdt = compute_dtype(x)
     prior, mean, var = running_prior.to(cdt), running_mean.to(cdt), running_var.to(cdt)
     if not training:
         return compound_norm_eval(x, fold_running(prior, mean, var, weight, bias, eps, temperature, combine),
-                                  responsibility_grad), None
+                                  responsibility_grad, kernel), None
     shift = batch_shift(x, sync)
-    xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))  # also promotes bf16/fp16 to cdt
     use_batch = train_stats == 'batch'
+    if _pointwise(kernel):  # autograd (or AOTAutograd) differentiates the graph; r is detached inside
+        y4, stats, _ = _train_forward(torch.sub(x, shift.view(1, -1, 1, 1)), weight, bias, prior, mean - shift, var,
+                                      groups, eps, temperature, combine, use_batch,
+                                      responsibility_grad and groups is None, sync, pointwise=True)
+        return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)
+    xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))  # also promotes bf16/fp16 to cdt
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     if graph and use_batch and not (responsibility_grad and groups is None):
         y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
