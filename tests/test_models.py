@@ -1,6 +1,7 @@
 """lt_zoo's timm models: the registry, every entrypoint end to end, the timm model API (heads, features,
 hub round trips), the norm layers as timm ``norm_layer``s, and option errors."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -397,3 +398,11 @@ def test_sync_batchnorm_conversion_leaves_nbn_and_cbn_alone(name, kwargs):
             assert type(m) is nn.SyncBatchNorm
     for n, a in alphas.items():
         assert after[n].get_alpha() is a
+
+
+@pytest.mark.parametrize('scale', [0.0, -30.0, float('nan'), float('inf'), True, '30'])
+def test_cosine_classifier_refuses_a_scale_that_is_not_positive_and_finite(scale):
+    from lt_zoo.layers.cosine_classifier import CosineClassifier
+    with pytest.raises(ValueError, match=rf"scale must be a positive finite number, got {re.escape(repr(scale))}"):
+        CosineClassifier(8, 3, scale=scale)
+    assert CosineClassifier(8, 3, scale=16).scale == 16.0

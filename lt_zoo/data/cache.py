@@ -40,12 +40,18 @@ def cached_dataset_dict(name: str, key: str, build: Callable[[], datasets.Datase
 
     Loading back gives memory-mapped Arrow files (cheap to share with DataLoader workers). The save goes
     to a temporary folder renamed into place, so an interrupted build never leaves a half cache. An
-    unwritable cache folder only warns and returns the in-memory build.
+    unwritable cache folder only warns and returns the in-memory build. A cache that exists but cannot be
+    read (a truncated or damaged Arrow file) is derived data: it is named in a warning, removed and rebuilt.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"{name}-{key}"
     if (target / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(target))
+        try:
+            return datasets.load_from_disk(str(target))
+        except Exception as err:  # pyarrow / datasets raise many types for damaged files
+            warnings.warn(f"lt_zoo: the cached {name} at {target} is unreadable ({type(err).__name__}: {err}); "
+                          f"rebuilding it")
+            shutil.rmtree(target, ignore_errors=True)
     built = build()
     tmp = root / f".{name}-{key}.tmp-{os.getpid()}"
     try:

@@ -1,4 +1,6 @@
 """Cosine classifier (the normalised linear head of GCL, Li et al. CVPR'22)."""
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ class CosineClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0, device=None, dtype=None):
         super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"CosineClassifier scale must be a positive finite number, got {scale!r}")
         self.in_features = in_features
         self.out_features = num_classes
         self.scale = float(scale)
