@@ -385,6 +385,50 @@ def write_targets(rows):
     (ROOT / RESULTS / 'targets.md').write_text('\n'.join(lines) + '\n')
 
 
+# The README's benchmark table: every row with a record, in this order (ablation and diagnosis rows beside
+# their method), then the targets.  Spliced between the markers below by --update_readme.
+SUMMARY_ORDER = ['ce', 'balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
+                 'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once', 'ce_mixup', 'gcl', 'gcl_crt', 'gcl_nomix',
+                 'gcl_nomix_crt', 'ldam_drw', 'logit_adjust', 'nbn', 'fsa', 'ce_balanced']
+README_MARKERS = ('<!-- benchmark-summary:start (python benchmarks/fmnist_lt.py --report_only --update_readme) -->',
+                  '<!-- benchmark-summary:end -->')
+
+
+def write_summary(rows) -> str:
+    """summary.md: one line per recorded row of every table (mean ± std, per seed, many/medium) and the targets."""
+    pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
+    lines = ['| row | method | seeds | balanced acc (mean ± std) | per seed | many | medium |',
+             '|---|---|---|---|---|---|---|']
+    for run in SUMMARY_ORDER + [r for r in RUNS if r not in SUMMARY_ORDER]:
+        r = rows[run]
+        if r['mean'] is None:
+            continue
+        pm = pct(r['mean']) + ('' if r['std'] is None else f" ± {pct(r['std'])}")
+        lines.append(f"| `{run}` | {r['label']} | {len(r['seeds'])} | "
+                     f"{pm} | {', '.join(pct(v) for v in r['balanced_acc_per_seed'])} | {pct(r['many'])} | "
+                     f"{pct(r['medium'])} |")
+    targets = json.loads((ROOT / RESULTS / 'targets.json').read_text())['targets']
+    lines += ['', f'Targets (`benchmarks/results/targets.md`; a verdict needs {MIN_SEEDS} seeds of every row it '
+                  'compares):', '', '| target | measured | verdict |', '|---|---|---|']
+    lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
+    text = '\n'.join(lines) + '\n'
+    (ROOT / RESULTS / 'summary.md').write_text(f'# Fashion-MNIST-LT benchmark: summary\n\nMade by `{REPORT_COMMAND}`.\n\n'
+                                              + text)
+    return text
+
+
+def update_readme(text: str) -> None:
+    """Replace the README's text between README_MARKERS by ``text``; refuse if the markers are missing."""
+    path = ROOT / 'README.md'
+    readme = path.read_text()
+    start, end = README_MARKERS
+    if readme.count(start) != 1 or readme.count(end) != 1 or readme.index(start) > readme.index(end):
+        raise SystemExit(f'README.md must hold each marker once, start before end: {start!r} ... {end!r}')
+    head, rest = readme.split(start)
+    tail = rest.split(end)[1]
+    path.write_text(f'{head}{start}\n{text}{end}{tail}')
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--tables', nargs='+', default=sorted(TABLES), choices=sorted(TABLES))
@@ -397,6 +441,8 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true', help='train with compile: true')
     ap.add_argument('--runs', default='runs/bench', help='parent of the run directories (not committed)')
     ap.add_argument('--report_only', action='store_true', help='only rebuild the tables from the records')
+    ap.add_argument('--update_readme', action='store_true',
+                    help="also write benchmarks/results/summary.md into README.md's benchmark table")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
@@ -418,6 +464,9 @@ def main(argv=None):
     for t in args.tables:
         write_table(t, args, rows)
     write_targets(rows)
+    summary = write_summary(rows)
+    if args.update_readme:
+        update_readme(summary)
 
 
 if __name__ == '__main__':

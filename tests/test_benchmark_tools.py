@@ -73,3 +73,17 @@ def test_runner_rows_summarise_every_recorded_seed_of_the_current_protocol(tmp_p
     assert row['mean'] == pytest.approx(0.80)
     assert row['std'] == pytest.approx(0.10)  # sample std of (0.8, 0.9, 0.7)
     assert bench.summarise('balanced_softmax', args)['seeds'] == []
+
+
+def test_runner_splices_the_summary_between_the_readme_markers_and_refuses_without_them(tmp_path, monkeypatch):
+    bench = _load('fmnist_lt')
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    start, end = bench.README_MARKERS
+    (tmp_path / 'README.md').write_text(f'# title\n\nbefore\n{start}\nold table\n{end}\nafter\n')
+    bench.update_readme('| new | table |\n')
+    bench.update_readme('| newer | table |\n')  # idempotent: the markers survive a splice
+    assert (tmp_path / 'README.md').read_text() == f'# title\n\nbefore\n{start}\n| newer | table |\n{end}\nafter\n'
+    (tmp_path / 'README.md').write_text(f'no markers here\n{end}\n')
+    with pytest.raises(SystemExit, match='README.md must hold each marker once'):
+        bench.update_readme('x\n')
+    assert (tmp_path / 'README.md').read_text() == f'no markers here\n{end}\n'  # untouched
