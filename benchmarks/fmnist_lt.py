@@ -296,7 +296,6 @@ def write_table(table, args, rows_by_run):
                 machine=platform.machine(), cpu_count=os.cpu_count(), jobs=args.jobs, threads_per_job=args.threads,
                 command=REPORT_COMMAND, trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
     (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
-    pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
     pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
                                                  if r['std'] is not None else f"{100 * r['mean']:.2f}")
     title = {'fmnist_lt': 'Fashion-MNIST-LT (IF 100): every method',
@@ -313,8 +312,8 @@ def write_table(table, args, rows_by_run):
              '|---|---|---|---|---|---|---|---|---|---|' + ('---|' if table == 'fmnist_lt' else '')]
     for r in rows:
         line = (f"| `{r['method']}` | {r['label']} | {len(r['seeds'])} | {pm(r)} | "
-                f"{', '.join(pct(v) for v in r['balanced_acc_per_seed']) or '-'} | {pct(r['many'])} | "
-                f"{pct(r['medium'])} | {pct(r['few'])} | {pct(r['ece'])} | {pct(r['last_fifth_gain'])} |")
+                f"{', '.join(_pct(v) for v in r['balanced_acc_per_seed']) or '-'} | {_pct(r['many'])} | "
+                f"{_pct(r['medium'])} | {_pct(r['few'])} | {_pct(r['ece'])} | {_pct(r['last_fifth_gain'])} |")
         if table == 'fmnist_lt':
             gc = r.get('gap_closed')
             line += f" {'-' if gc is None else f'{100 * gc:.0f}%'} |"
@@ -331,6 +330,10 @@ def write_table(table, args, rows_by_run):
     print('\n'.join(lines))
 
 
+def _pct(v) -> str:
+    return '-' if v is None else f'{100 * v:.2f}'
+
+
 # The targets of the benchmark (docs/benchmark.md): a verdict needs every row involved at >= MIN_SEEDS seeds.
 MIN_SEEDS = 3
 REPORT_COMMAND = 'python benchmarks/fmnist_lt.py --report_only'
@@ -340,7 +343,6 @@ CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m2', 'cbn_t_channels', 'cb
 def write_targets(rows):
     """targets.json/.md: each target of the protocol, with the rows it compares and met / missed / pending."""
     ok = lambda *ids: all(len(rows[i]['seeds']) >= MIN_SEEDS for i in ids)
-    pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
 
     def verdict(ids, met):
         if any(rows[i]['mean'] is None for i in ids):
@@ -353,12 +355,12 @@ def write_targets(rows):
         best = max(cbn, key=lambda r: rows[r]['mean'])
         d = rows[best]['mean'] - rows['bs_aa']['mean']
         targets.append(dict(target='best CBN row >= bs_aa + 2.0 points', rows=[best, 'bs_aa'], value=d,
-                            text=f'{best} {pct(rows[best]["mean"])} - bs_aa {pct(rows["bs_aa"]["mean"])} = {100 * d:+.2f}',
+                            text=f'{best} {_pct(rows[best]["mean"])} - bs_aa {_pct(rows["bs_aa"]["mean"])} = {100 * d:+.2f}',
                             verdict=verdict([best, 'bs_aa'], d >= 0.02)))
     if rows['gcl_crt']['mean'] is not None and rows['ce']['mean'] is not None:
         d = rows['gcl_crt']['mean'] - rows['ce']['mean']
         targets.append(dict(target='GCL + cRT above CE', rows=['gcl_crt', 'ce'], value=d,
-                            text=f'gcl_crt {pct(rows["gcl_crt"]["mean"])} - ce {pct(rows["ce"]["mean"])} = {100 * d:+.2f}',
+                            text=f'gcl_crt {_pct(rows["gcl_crt"]["mean"])} - ce {_pct(rows["ce"]["mean"])} = {100 * d:+.2f}',
                             verdict=verdict(['gcl_crt', 'ce'], d > 0)))
     lo, hi = rows['ce']['mean'], rows['ce_balanced']['mean']
     methods = [r for r in TABLES['fmnist_lt'] + TABLES['gcl_diagnosis'] + TABLES['cbn_ablation']
@@ -368,7 +370,7 @@ def write_targets(rows):
         g = (rows[best]['mean'] - lo) / (hi - lo)
         targets.append(dict(target='best method closes >= 70% of the gap CE -> CE on a balanced subset',
                             rows=[best, 'ce', 'ce_balanced'], value=g,
-                            text=f'({pct(rows[best]["mean"])} - {pct(lo)}) / ({pct(hi)} - {pct(lo)}) = {100 * g:.0f}% ({best})',
+                            text=f'({_pct(rows[best]["mean"])} - {_pct(lo)}) / ({_pct(hi)} - {_pct(lo)}) = {100 * g:.0f}% ({best})',
                             verdict=verdict([best, 'ce', 'ce_balanced'], g >= 0.7)))
     for r in ('ce', 'balanced_softmax'):
         gain = rows[r]['last_fifth_gain']
@@ -383,6 +385,7 @@ def write_targets(rows):
              '| target | measured | verdict |', '|---|---|---|']
     lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
     (ROOT / RESULTS / 'targets.md').write_text('\n'.join(lines) + '\n')
+    return targets
 
 
 # The README's benchmark table: every row with a record, in this order (ablation and diagnosis rows beside
@@ -394,20 +397,18 @@ README_MARKERS = ('<!-- benchmark-summary:start (python benchmarks/fmnist_lt.py 
                   '<!-- benchmark-summary:end -->')
 
 
-def write_summary(rows) -> str:
+def write_summary(rows, targets) -> str:
     """summary.md: one line per recorded row of every table (mean ± std, per seed, many/medium) and the targets."""
-    pct = lambda v: '-' if v is None else f'{100 * v:.2f}'
     lines = ['| row | method | seeds | balanced acc (mean ± std) | per seed | many | medium |',
              '|---|---|---|---|---|---|---|']
     for run in SUMMARY_ORDER + [r for r in RUNS if r not in SUMMARY_ORDER]:
         r = rows[run]
         if r['mean'] is None:
             continue
-        pm = pct(r['mean']) + ('' if r['std'] is None else f" ± {pct(r['std'])}")
+        pm = _pct(r['mean']) + ('' if r['std'] is None else f" ± {_pct(r['std'])}")
         lines.append(f"| `{run}` | {r['label']} | {len(r['seeds'])} | "
-                     f"{pm} | {', '.join(pct(v) for v in r['balanced_acc_per_seed'])} | {pct(r['many'])} | "
-                     f"{pct(r['medium'])} |")
-    targets = json.loads((ROOT / RESULTS / 'targets.json').read_text())['targets']
+                     f"{pm} | {', '.join(_pct(v) for v in r['balanced_acc_per_seed'])} | {_pct(r['many'])} | "
+                     f"{_pct(r['medium'])} |")
     lines += ['', f'Targets (`benchmarks/results/targets.md`; a verdict needs {MIN_SEEDS} seeds of every row it '
                   'compares):', '', '| target | measured | verdict |', '|---|---|---|']
     lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
@@ -463,8 +464,7 @@ def main(argv=None):
     rows = {r: summarise(r, args) for r in RUNS}
     for t in args.tables:
         write_table(t, args, rows)
-    write_targets(rows)
-    summary = write_summary(rows)
+    summary = write_summary(rows, write_targets(rows))
     if args.update_readme:
         update_readme(summary)
 

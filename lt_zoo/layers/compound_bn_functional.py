@@ -282,8 +282,8 @@ def _batch_sums(R, X, X2) -> torch.Tensor:
 def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
                    combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False):
     """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward)."""
-    X = xc4.flatten(2)
-    c = X.shape[1]
+    c = xc4.shape[1]
+    X = None if pointwise else xc4.flatten(2)
     X2 = sq4 = None
     if pointwise:
         if groups is None:
