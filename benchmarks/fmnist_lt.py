@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -222,7 +223,7 @@ def summarise(run, args) -> dict:
                 mean=mean(bal), std=sd(bal), **{g: mean(v) for g, v in groups.items()},
                 last_fifth_gain=mean(gains),
                 wall_time_s=mean([e.get('wall_time_s') for _, e in evs if e.get('wall_time_s') is not None]),
-                command=('python train/train.py ' + ' '.join(command_argv_for_report(run))))
+                command=shlex.join(['python', 'train/train.py'] + command_argv_for_report(run)))
 
 
 def last_fifth_gain(run, seed):

@@ -87,3 +87,71 @@ def test_runner_splices_the_summary_between_the_readme_markers_and_refuses_witho
     with pytest.raises(SystemExit, match='README.md must hold each marker once'):
         bench.update_readme('x\n')
     assert (tmp_path / 'README.md').read_text() == f'no markers here\n{end}\n'  # untouched
+
+
+def test_runner_table_commands_paste_back_into_a_shell_as_the_protocol(monkeypatch):
+    """Each table row's command, with seed K = 1, resolves through a shell split to the config the runner trains."""
+    import shlex
+    from types import SimpleNamespace
+    from lt_zoo.training.config import load_config
+    bench = _load('fmnist_lt')
+    monkeypatch.chdir(ROOT)
+    args = SimpleNamespace(runs='runs/bench', eval_every=None, compile=False)
+    for run in bench.RUNS:
+        words = shlex.split(bench.summarise(run, args)['command'].replace('K', '1'))
+        assert words[:2] == ['python', 'train/train.py'], run
+        argv = [w for w in words[2:] if not w.startswith('<')]
+        if '--stage1_dir' in argv:  # the placeholder names the stage-1 run; the runner passes its directory
+            argv.remove('--stage1_dir')
+        shown = load_config(argv)
+        shown = shown if isinstance(shown, dict) else shown.to_dict()
+        assert bench.fingerprint(shown) == bench.fingerprint(bench.resolved_config(run, 1, args)), run
+
+
+def test_protocol_version_pins_the_defaults_its_records_were_made_with():
+    """The fingerprint hashes the resolved config, not the defaults of the layers it builds: a changed CBN,
+    NBN, cosine-classifier or CIFAR-ResNet default would change what every record computes while its
+    fingerprint still matched.  Changing one of these defaults must come with a PROTOCOL_VERSION bump
+    (benchmarks/fmnist_lt.py), and then with this test's pinned values."""
+    import inspect
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    from lt_zoo.layers.cosine_classifier import CosineClassifier
+    from lt_zoo.layers.normalized_bn import NormalizedBatchNorm2d
+    from lt_zoo.models.cifar_resnet import CifarResNet
+    bench = _load('fmnist_lt')
+    defaults = lambda cls: {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                            if p.default is not inspect.Parameter.empty and k not in ('device', 'dtype')}
+    pinned = {3: {
+        CompoundBatchNorm2d: dict(num_components=4, momentum=0.1, eps=1e-5, train_stats='batch',
+                                  combine='posterior', responsibility_grad=False, temperature=1.0,
+                                  perturbation=0.1),
+        CosineClassifier: dict(scale=30.0),
+        NormalizedBatchNorm2d: dict(eps=1e-5, momentum=0.1, norm_eps=1e-6, alpha_init=1.0),
+        CifarResNet: dict(layers=(5, 5, 5), num_classes=10, in_chans=3, widths=(16, 32, 64), shortcut='A',
+                          head='linear', cosine_scale=30.0, global_pool='avg', drop_rate=0.0,
+                          norm_layer=torch.nn.BatchNorm2d, zero_init_last=False, norm_setup=None),
+    }}
+    assert bench.PROTOCOL_VERSION in pinned, 'a new protocol version: pin the defaults its records use'
+    for cls, expected in pinned[bench.PROTOCOL_VERSION].items():
+        assert defaults(cls) == expected, cls.__name__
+
+
+def test_compiled_block_report_divides_by_bn_of_the_same_cell_and_refuses_bad_sizes(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))  # the scripts import benchmarks/machine.py as a sibling
+    block = _load('cbn_compiled_block')
+    cells = [dict(norm=n, memory_format=f, layout_optimization=lo, median_ms=base * k, convolution_ms=1.0,
+                  generated_code_ms=gen * k)
+             for f, lo, base, gen in (('contiguous', 'on', 2.0, 0.5), ('channels_last', 'off', 4.0, 1.0))
+             for n, k in (('bn', 1.0), ('cbn', 1.5 if f == 'contiguous' else 3.0))]
+    res = dict(command='c', torch='t', cpu='x', threads=1, date='d', channels=8, size=4, batch=2, steps=3,
+               rounds=1, cells=cells)
+    block.write_markdown(res, str(tmp_path / 'r.md'))
+    rows = [line.strip(' |').split(' | ') for line in (tmp_path / 'r.md').read_text().splitlines()
+            if line.startswith('| cbn')]
+    assert [(r[1], r[2], r[4], r[7]) for r in rows] == [('contiguous', 'on', '1.50', '1.50'),
+                                                         ('channels_last', 'off', '3.00', '3.00')]
+    with pytest.raises(SystemExit):
+        block.main(['--channels', '0', '--out', str(tmp_path / 'never')])
+    assert '--channels must be >= 1, got 0' in capsys.readouterr().err
+    assert not list(tmp_path.glob('never*'))

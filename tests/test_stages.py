@@ -3,6 +3,7 @@ the loss-input wrapper (heads own their scale), FSA's epoch split, repository-re
 the CLI's fast --help, and torch.compile agreeing with eager training."""
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,9 @@ def test_run_records_use_repository_relative_paths(tmp_path):
     cmd = record_command('train/train.py', ['--config', str(REPO_ROOT / 'train' / 'configs' / 'digits' / 'ce.yaml'),
                                             '--epochs', '2'])
     assert cmd == 'train/train.py --config train/configs/digits/ce.yaml --epochs 2'
+    # JSON overrides are quoted: the recorded command splits back into the argv it ran with
+    argv = ['--model_kwargs', '{"num_components": 2}', '--dual_cls_views', '["strong"]']
+    assert shlex.split(record_command('train/train.py', argv)) == ['train/train.py'] + argv
 
 
 def test_cli_help_lists_defaults_without_loading_torch():

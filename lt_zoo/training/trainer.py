@@ -8,6 +8,7 @@ Each step receives only its config section (lt_zoo.training.config).  See docs/t
 """
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -48,8 +49,12 @@ def repo_relative(value: Any) -> Any:
 
 
 def record_command(script: str, argv: List[str]) -> str:
-    """``script argv...`` with repository paths made relative (eval.json 'command')."""
-    return ' '.join([script] + [repo_relative(a) for a in argv])
+    """``script argv...`` with repository paths made relative (eval.json 'command').
+
+    Shell-quoted, so an override that holds JSON (``--model_kwargs '{"num_components": 2}'``) pastes back
+    into a shell as the same argv.
+    """
+    return shlex.join([script] + [str(repo_relative(a)) for a in argv])
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
