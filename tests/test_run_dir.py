@@ -129,3 +129,23 @@ def test_truncated_checkpoint_is_named_before_the_run_changes(run_copy, name):
     msg = str(info.value)
     assert str(ckpt) in msg and repr(name) in msg and '--resume PATH' in msg and '--overwrite' in msg
     assert _snapshot(run_copy) == before
+
+
+def test_run_dir_lock_refuses_a_second_writer_and_is_released_on_exit(tmp_path):
+    import os
+    from lt_zoo.training.run_dir import RunDirBusyError, run_dir_lock
+    run = tmp_path / 'runs' / 'ce'
+    with run_dir_lock(str(run)):
+        assert (tmp_path / 'runs' / '.ce.lock').read_text() == str(os.getpid())
+        # a second open of the lock file is a second owner, even in this process
+        with pytest.raises(RunDirBusyError, match=rf"'{run}' is being written by another process \(pid "
+                                                  rf"{os.getpid()}, lock .*\.ce\.lock'\); wait for it"):
+            with run_dir_lock(str(run)):
+                pass
+        with run_dir_lock(str(run), enabled=False):  # a non-main rank does not take it
+            pass
+        with run_dir_lock(str(tmp_path / 'runs' / 'other')):  # another directory is another lock
+            pass
+    with run_dir_lock(str(run)):  # released when the holder left
+        pass
+    assert not run.exists()  # the lock lives beside the run directory, which it never creates

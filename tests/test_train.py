@@ -29,6 +29,7 @@ from lt_zoo import data as ltdata
 from lt_zoo.export import export_model
 from lt_zoo.training import trainer
 from lt_zoo.training.config import SCHEMA, load_config
+from lt_zoo.training.run_dir import RunDirBusyError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -435,3 +436,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: stage 'stage1' trains, so epochs must be >= 1, got 0"]
     assert not out.exists()
+
+
+def test_run_dir_held_by_a_live_training_is_refused_before_any_work(guarded_dir, monkeypatch):
+    """A second training into the same directory (a resume started while the run still runs, two
+    benchmark runners) is refused before data is built, even with --overwrite; the holder's pid is named."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time; from lt_zoo.training.run_dir import run_dir_lock\n'
+                               'with run_dir_lock(sys.argv[1]):\n    print("held", flush=True); time.sleep(120)',
+         str(guarded_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+
+        def no_data(*args, **kwargs):
+            raise AssertionError('data was built for a run that cannot own its directory')
+        monkeypatch.setattr(trainer, 'build_data', no_data)
+        assert_refused(['--config', DIGITS / 'ce.yaml', *FAST, '--output_dir', guarded_dir, '--overwrite'],
+                       RunDirBusyError, rf"being written by another process \(pid {holder.pid},", guarded_dir)
+    finally:
+        holder.kill()
+        holder.wait()

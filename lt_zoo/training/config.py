@@ -53,7 +53,8 @@ class RunConfig:
                                                  'continue with resume)')
     cpu: bool = _key(False, 'force CPU even when a GPU is present')
     compile: bool = _key(False, 'torch.compile the trained module, any stage (results agree with eager within '
-                                'fp32 tolerance)')
+                                'fp32 tolerance); pair it with channels_last on CPU, where inductor stores '
+                                'activations channels_last anyway (docs/compound_bn_numerics.md#decision-kernel)')
     channels_last: bool = _key(False, 'train and evaluate in channels_last memory format (faster convolutions on '
                                       'CPUs and GPUs; same results within fp32 rounding)')
 

@@ -8,15 +8,23 @@ Layout::
     RUN/eval.json                final evaluation
     RUN/per_class_accuracy.png   per-class accuracy against training count
     RUN/model.safetensors, RUN/config.json   timm export (lt_zoo.export)
+    PARENT/.RUN.lock             held while a process writes RUN (:func:`run_dir_lock`)
 """
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
-__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'truncate_metrics', 'CHECKPOINTS']
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two trainings into one directory are not detected
+    fcntl = None
+
+__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'truncate_metrics', 'run_dir_lock',
+           'RunDirBusyError', 'CHECKPOINTS']
 
 CHECKPOINTS = 'checkpoints'
 _CKPT = re.compile(r'^epoch_(\d{4,})$')
@@ -34,6 +42,42 @@ def checkpoint_dirs(run_dir: str) -> List[Path]:
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
                   key=lambda p: int(_CKPT.match(p.name).group(1)))
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live process is writing the run directory."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``run_dir`` for the duration of a training.
+
+    Two trainings into one directory (two benchmark runners, a resume started while the run still
+    runs) would interleave checkpoints and metrics.  The lock is a file beside the directory,
+    ``PARENT/.NAME.lock``, because ``--overwrite`` replaces the directory itself; the kernel drops it
+    when the holder exits, however it exits.  Raises :class:`RunDirBusyError` naming the holder's pid.
+    ``enabled=False`` (non-main ranks of a distributed launch; they do not own the directory) is a no-op.
+    """
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = Path(run_dir).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f'.{path.name}.lock'
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors='replace').strip() or 'unknown'
+            raise RunDirBusyError(f"run directory {str(run_dir)!r} is being written by another process (pid "
+                                  f"{holder}, lock {str(lock)!r}); wait for it to finish or choose another "
+                                  f"--output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def prepare_run_dir(run_dir: str, *, resume: Optional[str], overwrite: bool) -> None:

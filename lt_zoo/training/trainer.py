@@ -29,7 +29,7 @@ from .data import build_data, build_loaders, normalization
 from .evaluation import evaluate_model
 from .loop import train_epochs
 from .model import build_model
-from .run_dir import prepare_run_dir
+from .run_dir import prepare_run_dir, run_dir_lock
 from .stages import STAGES, StageContext
 
 __all__ = ['run', 'main', 'print_table', 'repo_relative']
@@ -76,10 +76,17 @@ def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[
     """Train and evaluate one run (a flat config, as :func:`load_config` returns it).
 
     Returns (final evaluation dict, trained model on CPU); both None when the run stopped early
-    (stop_after_epoch).  Bad input raises before anything in the run directory is written.
+    (stop_after_epoch).  Bad input raises before anything in the run directory is written, and so does
+    a run directory that another live training holds (:func:`~lt_zoo.training.run_dir.run_dir_lock`).
     """
     cfg = validate_config(dict(cfg))
     _check_names(cfg)
+    # one owner per directory: rank 0 of a distributed launch (RANK is unset in a single process)
+    with run_dir_lock(cfg['output_dir'], enabled=int(os.environ.get('RANK', '0')) == 0):
+        return _train(cfg, command)
+
+
+def _train(cfg: Dict[str, Any], command: str) -> Tuple[Optional[dict], Optional[nn.Module]]:
     c = sections(cfg)
     run_dir = c.run.output_dir
     resume_from = ckpt.find_resume_checkpoint(run_dir, c.run.resume)
