@@ -26,7 +26,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
-from machine import cpu_model  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import cpu_model, write_results  # benchmarks/machine.py (the script folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -133,12 +133,7 @@ def main(argv=None):
                date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), channels=args.channels,
                size=args.size, batch=args.batch, steps=args.steps, rounds=args.rounds,
                cells=[best[k] for k in grid])
-    out = os.path.join(ROOT, args.out) if not os.path.isabs(args.out) else args.out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + '.json', 'w') as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, out + '.md')
-    print(f'wrote {out}.json and .md')
+    write_results(res, args.out, write_markdown)
 
 
 if __name__ == '__main__':

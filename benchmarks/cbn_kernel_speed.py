@@ -14,7 +14,6 @@ with the ratio to BN of the same mode.  docs/compound_bn_numerics.md#decision-ke
 Writes benchmarks/results/cbn_kernel_speed.json and .md (``--out`` to change), with the command line.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import cpu_model, write_results  # benchmarks/machine.py (the script folder is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -183,12 +182,7 @@ def main(argv=None):
         res['network_profile_size'] = args.network_profile
         res['network_profile'] = network_profile(args.network_profile, args.batch)
         print(res['network_profile'], flush=True)
-    out = os.path.join(ROOT, args.out) if not os.path.isabs(args.out) else args.out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + '.json', 'w') as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, out + '.md')
-    print(f'wrote {out}.json and .md')
+    write_results(res, args.out, write_markdown)
 
 
 if __name__ == '__main__':
