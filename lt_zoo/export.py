@@ -3,6 +3,7 @@
 The folder loads back with ``timm.create_model('local-dir:' + folder, pretrained=True)`` (after
 ``import lt_zoo``) and is what ``lt_zoo.hub`` uploads.  Only safetensors are written or read.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,10 @@ __all__ = ['export_model', 'load_exported', 'read_export_config', 'plain_archite
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
+# config.json key holding the SHA-256 of the model.safetensors written with it: the two files are
+# replaced one after the other, so a kill between the renames would pair one export's config with
+# another's weights; load_exported detects that pair instead of loading it.
+WEIGHTS_HASH_KEY = 'lt_zoo_weights_sha256'
 
 
 class ExportError(ValueError):
@@ -94,10 +99,23 @@ def export_model(
     model_config = {'label_names': list(class_names)} if class_names is not None else None
     with tempfile.TemporaryDirectory(dir=out, prefix='.export-') as tmp:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        with open(os.path.join(tmp, CONFIG_NAME)) as f:
+            cfg = json.load(f)
+        cfg[WEIGHTS_HASH_KEY] = _sha256(os.path.join(tmp, WEIGHTS_NAME))
+        with open(os.path.join(tmp, CONFIG_NAME), 'w') as f:
+            json.dump(cfg, f, indent=2)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; exports are meant to be shared
             os.replace(os.path.join(tmp, name), out / name)
     return out
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_export_config(folder: str) -> Dict[str, Any]:
@@ -123,10 +141,12 @@ def read_export_config(folder: str) -> Dict[str, Any]:
 def load_exported(folder: str, **kwargs) -> nn.Module:
     """Create the model of an exported folder with its weights (timm ``local-dir:`` loading).
 
-    Raises ExportError naming the file when config.json or model.safetensors is truncated or corrupt.
+    Raises ExportError naming the file when config.json or model.safetensors is truncated or corrupt,
+    or when the two come from different exports (config.json's ``lt_zoo_weights_sha256``; folders
+    exported before that key existed load unchecked).
     """
     import timm
-    read_export_config(folder)
+    cfg = read_export_config(folder)
     weights = os.path.join(str(folder), WEIGHTS_NAME)
     try:  # safetensors checks the header against the file size: a truncated file fails here, not inside timm
         with safe_open(weights, framework='pt') as f:
@@ -134,4 +154,8 @@ def load_exported(folder: str, **kwargs) -> nn.Module:
     except Exception as e:  # SafetensorError, or a header that is not valid JSON/UTF-8
         raise ExportError(f"{weights} is not a readable safetensors file ({e}): truncated or corrupt; "
                           f"export the model again") from None
+    if WEIGHTS_HASH_KEY in cfg and _sha256(weights) != cfg[WEIGHTS_HASH_KEY]:
+        raise ExportError(f"{weights} is not the file {os.path.join(str(folder), CONFIG_NAME)} was written with "
+                          f"(its SHA-256 differs from {WEIGHTS_HASH_KEY}): an interrupted export or a file "
+                          f"copied from another export; export the model again")
     return timm.create_model('local-dir:' + os.path.abspath(folder), pretrained=True, **kwargs)

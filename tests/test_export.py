@@ -57,3 +57,26 @@ def test_config_that_is_not_an_object_is_refused(exported, tmp_path):
     (folder / CONFIG_NAME).write_text(json.dumps(['resnet20']))
     with pytest.raises(ValueError, match="no 'architecture' key"):
         load_exported(str(folder))
+
+
+def test_weights_from_another_export_are_refused_and_old_exports_still_load(exported, tmp_path):
+    """export_model replaces config.json and model.safetensors one after the other; a kill between the two
+    renames pairs one export's config with another's weights, which must not load silently."""
+    from lt_zoo.export import WEIGHTS_HASH_KEY
+    folder, model = exported
+    torch.manual_seed(1)
+    other = tmp_path / 'other'
+    export_model(timm.create_model('resnet20', num_classes=3, in_chans=1), str(other))
+    mixed = _copy(folder, tmp_path / 'mixed')
+    (mixed / WEIGHTS_NAME).write_bytes((other / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(ExportError, match=rf"{mixed / WEIGHTS_NAME} is not the file .*config.json was written "
+                                          rf"with .*interrupted export"):
+        load_exported(str(mixed))
+    # an export made before the key existed: loads, unchecked
+    old = _copy(folder, tmp_path / 'old')
+    cfg = json.loads((old / CONFIG_NAME).read_text())
+    del cfg[WEIGHTS_HASH_KEY]
+    (old / CONFIG_NAME).write_text(json.dumps(cfg))
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_exported(str(old)).eval()(x), model(x))
