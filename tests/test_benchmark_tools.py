@@ -155,3 +155,24 @@ def test_compiled_block_report_divides_by_bn_of_the_same_cell_and_refuses_bad_si
         block.main(['--channels', '0', '--out', str(tmp_path / 'never')])
     assert '--channels must be >= 1, got 0' in capsys.readouterr().err
     assert not list(tmp_path.glob('never*'))
+
+
+def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with_fewer(tmp_path, monkeypatch):
+    import json
+    bench = _load('fmnist_lt')
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    (tmp_path / bench.RESULTS).mkdir(parents=True)
+    empty = dict(mean=None, seeds=[], last_fifth_gain=None)
+    rows = {r: dict(empty) for r in bench.RUNS}
+    rows['bs_aa'] = dict(empty, mean=0.85, seeds=[0, 1, 2])
+    rows['bs_aa_cbn'] = dict(empty, mean=0.88, seeds=[0, 1, 2])   # +3.0 over 3 seeds: met
+    rows['cbn_m2'] = dict(empty, mean=0.90, seeds=[0])             # better, but one seed: named only
+    targets = {t['target']: t for t in bench.write_targets(rows)}
+    cbn = targets['best CBN row >= bs_aa + 2.0 points']
+    assert cbn['rows'] == ['bs_aa_cbn', 'bs_aa'] and cbn['verdict'] == 'met'
+    assert cbn['value'] == pytest.approx(0.03)
+    assert cbn['text'].endswith('best with fewer seeds: cbn_m2 90.00 (1 seed(s))')
+    rows['bs_aa_cbn'] = dict(empty, mean=0.84, seeds=[0, 1])      # no CBN row has 3 seeds: pending on the best
+    cbn = {t['target']: t for t in bench.write_targets(rows)}['best CBN row >= bs_aa + 2.0 points']
+    assert cbn['rows'] == ['cbn_m2', 'bs_aa'] and cbn['verdict'].startswith('pending')
+    assert json.loads((tmp_path / bench.RESULTS / 'targets.json').read_text())['targets'][0]['rows'] == cbn['rows']
