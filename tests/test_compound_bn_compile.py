@@ -78,8 +78,10 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split):
                 ys.append(layer(x))
         sum((y * gy).sum() for y, gy in zip(ys, g)).backward()
         grads.append([x.grad for x in xr] + ys)
+    # atol 1e-4: groups of 2-3 vectors have tiny variances, and every kernel (GEMM, native, pointwise) is
+    # 2.2e-5 from a float64 run on the input gradient here; reading stale running state is off by O(1)
     for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     for p, q in zip(eager.parameters(), compiled_layer.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
     for name in ('running_prior', 'running_mean', 'running_var', 'num_batches_tracked'):

@@ -1,6 +1,7 @@
-"""The two formulations of the CBN kernel agree to float64 rounding: the batched-GEMM one with its analytic
-backward (eager default) and the broadcast-and-sum one differentiated by autograd (what torch.compile
-traces).  Every option of the layer, both memory formats, training and eval."""
+"""The formulations of the CBN kernel agree to float64 rounding: the batched-GEMM one with its analytic
+backward, the broadcast-and-sum one differentiated by autograd (what torch.compile traces) and the native
+C++ passes with the GEMM one's analytic backward (the eager default on CPU).  Every option of the layer,
+both memory formats, training and eval."""
 import itertools
 
 import pytest
@@ -35,24 +36,26 @@ def _run(kernel, case, training, groups=None, **opts):
     return [y, *grads] + ([] if stats is None else list(stats))
 
 
+@pytest.mark.parametrize('kernel', ['pointwise', 'native'])
 @pytest.mark.parametrize('opts', OPTIONS, ids=lambda o: '-'.join(str(v) for v in o.values()))
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
-def test_pointwise_kernel_equals_gemm_kernel_in_float64(opts, training):
+def test_kernel_equals_gemm_kernel_in_float64(opts, training, kernel):
     for seed, cl in ((0, False), (1, True)):
         case = _case(seed, channels_last=cl)
-        gemm, pointwise = _run('gemm', case, training, **opts), _run('pointwise', case, training, **opts)
+        gemm, pointwise = _run('gemm', case, training, **opts), _run(kernel, case, training, **opts)
         assert len(gemm) == len(pointwise) == (9 if training else 4)
         assert pointwise[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         for a, b in zip(gemm, pointwise):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('hw', [(5, 4), (1, 1)], ids=['map', '1x1'])
-def test_pointwise_kernel_equals_gemm_kernel_on_the_split_path(hw):
+@pytest.mark.parametrize('kernel', ['pointwise', 'native'])
+@pytest.mark.parametrize('hw', [(5, 4), (1, 1), (7, 5)], ids=['map', '1x1', 'two_tiles'])
+def test_kernel_equals_gemm_kernel_on_the_split_path(hw, kernel):
     groups = torch.tensor([0, 0, 1, 3, 3, 3])  # component 2 empty: normalised with its running statistics
     for cl in (False, True):
         case = _case(2, hw=hw, channels_last=cl)
-        gemm, pointwise = _run('gemm', case, True, groups), _run('pointwise', case, True, groups)
+        gemm, pointwise = _run('gemm', case, True, groups), _run(kernel, case, True, groups)
         for a, b in zip(gemm, pointwise):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
@@ -78,5 +81,70 @@ def test_pointwise_training_gradient_is_the_gradient_with_constant_responsibilit
 
 def test_unknown_kernel_is_refused_before_any_work():
     x, prior, mean, var, weight, bias, _ = _case(0)
-    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'gemm', 'pointwise'\), got 'fused'"):
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'gemm', 'pointwise', 'native'\), got 'fused'"):
         cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, kernel='fused')
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (4, 4), (5, 7), (9, 9)], ids=['1x1', 'one_tile', 'ragged', 'six_tiles'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_native_kernel_matches_gemm_at_every_tile_boundary(hw, dtype):
+    """The native passes walk the map in tiles of 16 positions; maps below, at and across a tile boundary, in
+    float32 (the training dtype; GEMM summation order differs) and float64."""
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for cl in (False, True):
+        case = _case(4, c=5, hw=hw, channels_last=cl, dtype=dtype)
+        for training in (True, False):
+            gemm, native = _run('gemm', case, training), _run('native', case, training)
+            for a, b in zip(gemm, native):
+                torch.testing.assert_close(b, a, **tol)
+
+
+def test_native_kernel_splits_the_batch_over_threads_without_changing_the_result():
+    """One slice of images per torch thread: the same outputs, gradients and statistics as one thread."""
+    threads = torch.get_num_threads()
+    case = _case(5, c=5, hw=(6, 6), channels_last=True)
+    try:
+        torch.set_num_threads(1)
+        one = _run('native', case, True)
+        torch.set_num_threads(4)  # more slices than this machine has cores: the split, not the speed
+        four = _run('native', case, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, four):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_kernel_runs_natively_on_cpu_and_falls_back_when_turned_off_or_unbuildable(tmp_path):
+    """'auto' uses the native kernel where it is built; LT_ZOO_NATIVE=0 turns it off quietly, a compiler that
+    fails turns it off with one warning; both keep the GEMM results, and an explicit 'native' then refuses."""
+    import os
+    import subprocess
+    import sys
+    from lt_zoo.layers import compound_bn_native
+    assert compound_bn_native.available()  # CI has a C++ compiler: the default must be the fast path
+    code = (
+        "import warnings, torch\n"
+        "from lt_zoo.layers import compound_bn_functional as cbf, compound_bn_native as nat\n"
+        "x = torch.randn(4, 3, 5, 5, dtype=torch.float64)\n"
+        "p, m, v = torch.full((2,), .5, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64), "
+        "torch.ones(2, 3, dtype=torch.float64)\n"
+        "w, b = torch.ones(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = cbf.compound_batch_norm(x, p, m, v, w, b, True, kernel='auto')[0]\n"
+        "ref = cbf.compound_batch_norm(x, p, m, v, w, b, True, kernel='gemm')[0]\n"
+        "assert torch.allclose(y, ref, rtol=1e-10, atol=1e-10)\n"
+        "print('native', nat.available(), 'warnings', len(caught), [str(c.message)[:60] for c in caught])\n"
+        "try:\n    cbf.compound_batch_norm(x, p, m, v, w, b, True, kernel='native')\n"
+        "except RuntimeError as e:\n    print('refused:', e)\n")
+    base = dict(os.environ, LT_ZOO_KERNEL_CACHE=str(tmp_path / 'cache'))
+    off = subprocess.run([sys.executable, '-c', code], env=dict(base, LT_ZOO_NATIVE='0'), capture_output=True,
+                         text=True)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.startswith('native False warnings 0') and "refused: kernel='native'" in off.stdout
+    broken = subprocess.run([sys.executable, '-c', code], env=dict(base, CXX='false'), capture_output=True,
+                            text=True)
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.startswith('native False warnings 1') and 'native CPU kernel of CompoundBatchNorm2d is off' \
+        in broken.stdout and "refused: kernel='native'" in broken.stdout
+    assert not any((tmp_path / 'cache').glob('*.so'))  # nothing half-built left in the cache

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import compound_bn_native as _native
+
 __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficients', 'fold_running',
            'compound_norm_eval', 'responsibilities']
 
@@ -34,8 +36,13 @@ _R_FLOOR = 1e-30
 #   eager never holds an M x map-sized temporary; 'pointwise': broadcasts of (N, M, C, H, W) and sums,
 #   differentiated by autograd; eager would materialise them, but torch.compile fuses them into a few
 #   loops over the map (BN's memory traffic; GEMMs with an inner dimension of M stay library calls).
-# 'auto' picks 'pointwise' while torch.compile traces and 'gemm' otherwise.
-KERNELS = ('auto', 'gemm', 'pointwise')
+# 'native': the map-sized steps of 'gemm' as one C++ pass each (compound_bn_native; CPU float32/float64,
+#   built on first use), with the same analytic backward; where a step needs autograd through the map
+#   (responsibility_grad, train_stats='running' with gradients) it uses 'gemm'.
+# 'auto' picks 'pointwise' while torch.compile traces, else 'native' where it is built and takes the map,
+# else 'gemm'.  No trace sees into the C++ passes: under torch.compile 'native' also traces 'pointwise',
+# under torch.jit.trace it runs 'gemm'.
+KERNELS = ('auto', 'gemm', 'pointwise', 'native')
 
 
 class BatchStats(NamedTuple):
@@ -59,7 +66,22 @@ class FoldedEval(NamedTuple):
 
 
 def _pointwise(kernel: str) -> bool:
-    return kernel == 'pointwise' or (kernel == 'auto' and torch.compiler.is_compiling())
+    """'pointwise' itself, and what torch.compile traces for 'auto' and 'native' (no trace sees into C++)."""
+    return kernel == 'pointwise' or (kernel in ('auto', 'native') and torch.compiler.is_compiling())
+
+
+def _use_native(kernel: str, xc4: torch.Tensor) -> bool:
+    """Whether the GEMM formulation's map-sized steps run in the native kernel (``xc4`` in standard layout)."""
+    if torch.jit.is_tracing():  # a TorchScript trace would not record the C++ passes
+        return False
+    if kernel == 'native':
+        if not _native.supports(xc4):
+            raise ValueError(f"kernel='native' needs a CPU float32/float64 map, got {xc4.dtype} on {xc4.device}")
+        if not _native.available():
+            raise RuntimeError("kernel='native': the native CPU kernel could not be built or is turned off "
+                               "(LT_ZOO_NATIVE=0); use kernel='auto' or 'gemm'")
+        return True
+    return kernel == 'auto' and _native.supports(xc4) and _native.available()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -244,6 +266,8 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
             R = _pointwise_posteriors(xc4, (f.w1, f.w2, f.const))
         return _pointwise_mix(R, f.scale, f.offset, xc4).to(x.dtype)
     xc4 = _standard_layout(torch.sub(x, f.shift.view(1, -1, 1, 1)))
+    if _use_native(kernel, xc4) and not _needs_graph(xc4, f.scale, f.offset, f.w1, f.w2):
+        return _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset).to(x.dtype)
     with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
         sq4 = xc4 * xc4
         R = _posteriors(xc4.flatten(2), sq4.flatten(2), (f.w1, f.w2, f.const))
@@ -280,12 +304,17 @@ def _batch_sums(R, X, X2) -> torch.Tensor:
 
 
 def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
-                   combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False):
-    """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward)."""
+                   combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False,
+                   native: bool = False):
+    """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward).
+    ``native``: the map-sized steps in the native kernel (no autograd through them)."""
     c = xc4.shape[1]
-    X = None if pointwise else xc4.flatten(2)
+    X = None if pointwise or native else xc4.flatten(2)
     X2 = sq4 = None
-    if pointwise:
+    if native:
+        coef = estep_coefficients(prior, mean_rel, var, eps, temperature) if groups is None else None
+        R, sums = _native.estep_moments(xc4, prior.shape[0], coef, groups)
+    elif pointwise:
         if groups is None:
             with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
                 R = _pointwise_posteriors(xc4, estep_coefficients(prior, mean_rel, var, eps, temperature))
@@ -299,7 +328,7 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
             R = _posteriors(X, X2, estep_coefficients(prior, mean_rel, var, eps, temperature))
     else:  # split path: the one-hot group of each image
         R = F.one_hot(groups, prior.shape[0]).to(X.dtype).unsqueeze(2)
-    if not pointwise:
+    if not pointwise and not native:
         sums = _batch_sums(R, X, X2)
     if sync:
         sums = _all_reduce(sums)
@@ -319,6 +348,8 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
     scale, offset, inv = _affine(weight, bias, mean_rel, var, eps, cw)
     if pointwise:
         return _pointwise_mix(R, scale, offset, xc4), stats, None
+    if native:
+        return _native.combine(xc4, None, R, scale, None, offset), stats, (R, cw, inv, mean_rel, safe, mask)
     graph = _needs_graph(xc4, scale, offset)
     if sq4 is None and not graph:
         sq4 = torch.empty_like(xc4)
@@ -340,10 +371,11 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync):
+    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync, native):
         y4, stats, (R, cw, inv, mean_used, safe, mask) = _train_forward(
-            xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, True, False, sync)
-        ctx.sync = sync
+            xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, True, False, sync,
+            native=native)
+        ctx.sync, ctx.native = sync, native
         ctx.save_for_backward(xc4, R, cw, weight, inv, mean_used, safe, mask)
         ctx.mark_non_differentiable(*stats)
         return (y4,) + tuple(stats)
@@ -351,11 +383,14 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *unused):
         xc4, R, cw, weight, inv, mean, safe, mask = ctx.saved_tensors
-        X, G = xc4.flatten(2), gy.flatten(2)
-        cl = _channels_fastest(X)
-        gx4 = torch.mul(gy, xc4, out=torch.empty_like(xc4))  # xc4's layout, so flatten(2) is a view
-        gX = gx4.flatten(2)
-        gk, hk = _moments(R, G), _moments(R, gX)
+        if ctx.native:
+            gk, hk = _native.grad_moments(xc4, gy, R)
+        else:
+            X, G = xc4.flatten(2), gy.flatten(2)
+            cl = _channels_fastest(X)
+            gx4 = torch.mul(gy, xc4, out=torch.empty_like(xc4))  # xc4's layout, so flatten(2) is a view
+            gX = gx4.flatten(2)
+            gk, hk = _moments(R, G), _moments(R, gX)
         if cw is not None:
             gk, hk = gk * cw.unsqueeze(1), hk * cw.unsqueeze(1)
         gdiff = hk - mean * gk
@@ -371,11 +406,14 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
             zero = torch.zeros_like(gk)
             u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / safe, zero)
             v = torch.where(mask, -scale * gk / safe, zero) - u * mean
+            if ctx.native:
+                dx = _native.combine(xc4, gy, R, u, scale if cw is None else scale * cw.unsqueeze(1), v)
+                return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
             _scale_into(gX, R, scale if cw is None else scale * cw.unsqueeze(1), G, cl)
             gX.addcmul_(_expand(R, u, cl), X)
             _add_into(gX, R, v, cl)
             dx = gx4
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
 def batch_shift(x: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -422,11 +460,13 @@ def compound_batch_norm(
         return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)
     xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))  # also promotes bf16/fp16 to cdt
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    native = _use_native(kernel, xc4)
     if graph and use_batch and not (responsibility_grad and groups is None):
         y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
-                                                temperature, combine, sync)
+                                                temperature, combine, sync, native)
         stats = BatchStats(*st)
-    else:
+    else:  # autograd through the map's ops when a graph is needed: the native steps have none
         y4, stats, _ = _train_forward(xc4, weight, bias, prior, mean - shift, var, groups, eps, temperature,
-                                      combine, use_batch, responsibility_grad and groups is None, sync)
+                                      combine, use_batch, responsibility_grad and groups is None, sync,
+                                      native=native and not graph)
     return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)
