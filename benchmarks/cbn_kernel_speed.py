@@ -1,15 +1,15 @@
-"""One norm layer, the two CBN kernel formulations against BN: eager and torch.compile, training and eval.
+"""One norm layer, the CBN kernel formulations against BN: eager and torch.compile, training and eval.
 
     python benchmarks/cbn_kernel_speed.py                 # ResNet-32 shapes at 32x32 and 16x16 input, 1 thread
     python benchmarks/cbn_kernel_speed.py --threads 2 --reps 60
 
 Variants per layer shape (N, C, H, W) of CIFAR ResNet-32 (16/32/64 channels at 1, 1/2, 1/4 of the input):
-``bn`` (``F.batch_norm``), ``cbn_gemm`` (batched GEMMs, analytic backward: the eager default) and
-``cbn_pointwise`` (broadcasts and sums, differentiated by autograd: what the layer uses under
-torch.compile), each eager and compiled (``fullgraph=True``), CBN with M = 4.  Training step = forward +
-backward of the input and the affine parameters; eval = forward under ``no_grad``.  Every variant runs
-one step per repetition, round-robin, so load changes hit all alike; the median wall-clock is reported
-with the ratio to BN of the same mode.  docs/compound_bn_numerics.md#decision-kernel explains the kernels.
+``bn`` (``F.batch_norm``), ``cbn_gemm`` (batched GEMMs, analytic backward), ``cbn_native`` (the same
+math and backward as C++ passes: the eager default on CPU; eager only) and ``cbn_pointwise`` (broadcasts
+and sums, differentiated by autograd: what the layer uses under torch.compile; compiled only), CBN with
+M = 4.  Training step = forward + backward of the input and the affine parameters; eval = forward
+under ``no_grad``.  Every variant runs one step per repetition, round-robin, so load changes hit all
+alike; the median wall-clock is reported with the ratio to BN of the same mode.  docs/compound_bn_numerics.md#decision-kernel explains the kernels.
 
 Writes benchmarks/results/cbn_kernel_speed.json and .md (``--out`` to change), with the command line.
 """
@@ -125,16 +125,18 @@ def write_markdown(res: dict, path: str) -> None:
              f"Command: `{res['command']}`.  torch {res['torch']}, CPU {res['cpu']} ({res['cpu_count']} logical "
              f"cores), {res['threads']} thread(s), {res['date']}.  M = {M}; median of {res['reps']} round-robin "
              f"steps after {res['warmup']} warm-up; load average at the start {res['load_avg']}.", '',
-             'Ratios are to BN in the same mode (compiled CBN vs compiled BN).  `cbn_gemm` is the eager default, '
+             'Ratios are to BN in the same mode (compiled CBN vs compiled BN).  `cbn_native` is the eager default '
+             'on CPU (C++ passes, lt_zoo/layers/compound_bn_native.py), `cbn_gemm` its fallback without a compiler, '
              '`cbn_pointwise` what the layer uses under torch.compile '
              '(docs/compound_bn_numerics.md#decision-kernel).', '',
-             '| shape (N, C, H, W) | mode | phase | BN ms | CBN gemm ms | x BN | CBN pointwise ms | x BN |',
-             '|---|---|---|---|---|---|---|---|']
+             '| shape (N, C, H, W) | mode | phase | BN ms | CBN gemm ms | x BN | CBN native ms | x BN | '
+             'CBN pointwise ms | x BN |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    cell = lambda t: f"{t['ms']:.3f} | {t['x_bn']:.2f}" if t else '- | -'
     for r in res['rows']:
-        pw = r['times'].get('cbn_pointwise')
-        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['phase']} | {r['times']['bn']['ms']:.3f} | "
-                     f"{r['times']['cbn_gemm']['ms']:.3f} | {r['times']['cbn_gemm']['x_bn']:.2f} | "
-                     + (f"{pw['ms']:.3f} | {pw['x_bn']:.2f} |" if pw else '- | - |'))
+        t = r['times']
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['mode']} | {r['phase']} | {t['bn']['ms']:.3f} | "
+                     f"{cell(t['cbn_gemm'])} | {cell(t.get('cbn_native'))} | {cell(t.get('cbn_pointwise'))} |")
     if res.get('network_profile'):
         lines += ['', f"Compiled ResNet-32 training step, {res['network_profile_size']}x{res['network_profile_size']} "
                       f"input, batch {res['batch']}: self CPU ms per step by kind of work (torch.profiler):", '',

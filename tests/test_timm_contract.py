@@ -164,8 +164,10 @@ def test_jit_trace_in_eval(name):
         other = _input(name, n=3) * 2
         expected = model(other)
         # deep CIFAR ResNets start with every residual branch on (no zero init), so their logits reach
-        # ~1e3 at init: compare at float32 precision relative to the output's magnitude
-        torch.testing.assert_close(traced(other), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        # ~1e3 at init: compare at float32 precision relative to the output's magnitude.  A CBN trace runs
+        # the GEMM kernel (no trace records the native C++ passes that eager CPU uses); their float32
+        # summation orders differ, by up to ~1e-5 of the logits after 56 layers
+        torch.testing.assert_close(traced(other), expected, rtol=5e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize('name', ALL)

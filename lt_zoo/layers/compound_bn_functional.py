@@ -12,7 +12,8 @@ Math (Cheng et al., ACM MM 2022, Eq. 7-16; docs/compound_bn.md, docs/compound_bn
 with c_k = 1 ('posterior') or pi_k^-1/2 ('mn').  Layout: one strategy for both memory formats.  X is
 ``x.flatten(2)``, an (N, C, L) view (L = H*W) for contiguous *and* channels_last maps (then its strides
 are (LC, 1, C)); the responsibilities R are (N, M, L) (per image, (N, M, 1), on the split path).  Every
-reduction and expansion is a batched GEMM with M on one side; nothing of size P x M x C exists.  Squares
+reduction and expansion is a batched GEMM with M on one side; nothing of size P x M x C exists.  On CPU
+the same steps run as one C++ pass each (compound_bn_native) where the library is built: see KERNELS.  Squares
 are taken of x - s with a constant shift s near the data (the mixture mean in eval, a detached batch
 mean in training), so E[(x-s)^2] - E[x-s]^2 does not cancel when |mean| >> std.
 """
@@ -31,7 +32,7 @@ __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficient
 MIN_COUNT = 1.0
 # Responsibilities below this are set to 0: irrelevant, and subnormal floats are slow on CPUs.
 _R_FLOOR = 1e-30
-# Two formulations of the same math (equal to float64 rounding, tests/test_compound_bn_kernels.py):
+# Three formulations of the same math (equal to float64 rounding, tests/test_compound_bn_kernels.py):
 # 'gemm': every sum over C or M is a batched GEMM with M on one side and the backward is analytic, so
 #   eager never holds an M x map-sized temporary; 'pointwise': broadcasts of (N, M, C, H, W) and sums,
 #   differentiated by autograd; eager would materialise them, but torch.compile fuses them into a few
