@@ -266,6 +266,9 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
             R = _pointwise_posteriors(xc4, (f.w1, f.w2, f.const))
         return _pointwise_mix(R, f.scale, f.offset, xc4).to(x.dtype)
+    if (x.dtype == f.shift.dtype and _native.supports(x) and _use_native(kernel, x)
+            and not _needs_graph(x, f.scale, f.offset, f.w1, f.w2)):  # x - s inside the pass
+        return _native.folded_eval(x, (f.w1, f.w2, f.const), f.scale, f.offset, f.shift)
     xc4 = _standard_layout(torch.sub(x, f.shift.view(1, -1, 1, 1)))
     if _use_native(kernel, xc4) and not _needs_graph(xc4, f.scale, f.offset, f.w1, f.w2):
         return _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset).to(x.dtype)

@@ -171,11 +171,14 @@ def grad_moments(x: torch.Tensor, g: torch.Tensor, R: torch.Tensor) -> Tuple[tor
     return G, H
 
 
-def folded_eval(x: torch.Tensor, coef, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Eval output from folded constants (E-step and mixing in one pass), in x's layout."""
+def folded_eval(x: torch.Tensor, coef, scale: torch.Tensor, offset: torch.Tensor,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eval output from folded constants (E-step and mixing in one pass), in x's layout; ``shift`` (C,): the
+    constants are in coordinates x - shift, subtracted inside the pass (None: x is already shifted)."""
     w1, w2, const = (_small(t, x) for t in coef)
     scale, offset = _small(scale, x), _small(offset, x)
+    shift = _small(shift, x) if shift is not None else None
     out = torch.empty_like(x)
-    _fn('eval', x.dtype)(_ptr(x), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), ctypes.c_int64(w1.shape[0]),
-                         _ptr(scale), _ptr(offset), _ptr(out), _threads())
+    _fn('eval', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const),
+                         ctypes.c_int64(w1.shape[0]), _ptr(scale), _ptr(offset), _ptr(out), _threads())
     return out

@@ -11,7 +11,7 @@
 //   combine        out_pc = x_pc sum_k r_pk A_kc [+ g_pc sum_k r_pk B_kc] + sum_k r_pk D_kc:
 //                  the output (A = scale, D = offset) and the input gradient (A = U, B = W A, D = V)
 //   grad_moments   G_kc = sum_p r_pk g_pc, H_kc = sum_p r_pk g_pc x_pc
-//   eval           E-step and output in one pass, R never stored
+//   eval           E-step and output in one pass from the raw map and the shift s, R never stored
 //
 // R is (N, M, L), or (N, M, 1) on the split path (one weight per image).  Sums accumulate in the map's
 // scalar type, in a different order than the GEMM formulation: results agree to rounding.
@@ -331,8 +331,8 @@ void grad_moments(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int c
 }
 
 template <typename S>
-void eval(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2, const S* cst, int64_t m,
-          const S* scale, const S* offset, S* out, int nt) {
+void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2,
+          const S* cst, int64_t m, const S* scale, const S* offset, S* out, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
 #pragma omp parallel num_threads(nt)
@@ -344,6 +344,8 @@ void eval(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1, cons
             for (int64_t l0 = 0; l0 < l; l0 += T) {
                 const int64_t tn = l - l0 < T ? l - l0 : T;
                 tl.gather(x, img, l0, tn, xt.data());
+                if (shift)  // x - s in the tile: no shifted copy of the map
+                    for (int64_t ch = 0; ch < c; ++ch) xt[ch] -= shift[ch];
                 estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
                 combine_tile<S>(xt.data(), static_cast<const V*>(nullptr), r.data(), c, m, scale,
                                 static_cast<const S*>(nullptr), offset, ot.data());
@@ -368,9 +370,10 @@ void eval(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1, cons
                                           const S* R, int64_t lr, int64_t m, S* G, S* H, int nt) {                \
         grad_moments<S>(x, g, n, c, l, cl, R, lr, m, G, H, nt);                                                   \
     }                                                                                                             \
-    extern "C" void cbn_eval_##SUF(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2,  \
-                                  const S* cst, int64_t m, const S* scale, const S* offset, S* out, int nt) {     \
-        eval<S>(x, n, c, l, cl, w1, w2, cst, m, scale, offset, out, nt);                                          \
+    extern "C" void cbn_eval_##SUF(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl,           \
+                                  const S* w1, const S* w2, const S* cst, int64_t m, const S* scale,              \
+                                  const S* offset, S* out, int nt) {                                              \
+        eval<S>(x, shift, n, c, l, cl, w1, w2, cst, m, scale, offset, out, nt);                                   \
     }
 
 LT_ZOO_EXPORT(float, f32)
