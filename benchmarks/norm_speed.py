@@ -48,6 +48,11 @@ def build_models(mode: str, num_classes=10):
     }
     if mode == 'eager':
         models['cbn_m2'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=2)
+        # the same CBN network on the GEMM formulation: what the native C++ kernel gains, round-robin
+        models['cbn_m4_gemm'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=4)
+        for m in models['cbn_m4_gemm'].modules():
+            if isinstance(m, CompoundBatchNorm2d):
+                m.kernel = 'gemm'
         models['no_norm'] = timm.create_model('resnet32', num_classes=num_classes)
         norm_types = (nn.modules.batchnorm._BatchNorm, CompoundBatchNorm2d)
         for parent in list(models['no_norm'].modules()):
@@ -197,7 +202,9 @@ def write_markdown(res, path):
         if 'no_norm' not in m:
             continue
         base = m['no_norm']
-        for k in ('bn', 'nbn', 'cbn_m2', 'cbn_m4'):
+        for k in ('bn', 'nbn', 'cbn_m2', 'cbn_m4', 'cbn_m4_gemm'):
+            if k not in m:
+                continue
             v = m[k]
             lines.append(f"| {cell} | {k} | {1e3 * v['train_cpu']:.0f} | "
                          f"{1e3 * (v['train_cpu'] - base['train_cpu']):.0f} | {1e3 * v['eval_cpu']:.0f} | "
@@ -212,8 +219,9 @@ def write_markdown(res, path):
                          f"{r['cbn_m2_eval_ms']:.2f} | {r['cbn_m4_eval_ms']:.2f} |")
     if res.get('profile'):
         lines += ['', f"Top aten operators of one profiled eager CBN (M=4) training step ({res['profile']['cell']}; "
-                  'self CPU time; convolutions are mkldnn_convolution / convolution_backward, CBN is the '
-                  'bmm/baddbmm/matmul and elementwise ops):', '', '| op | calls | self ms | share |',
+                  'self CPU time; convolutions are mkldnn_convolution / convolution_backward; the native CBN '
+                  'passes count as self time of _ConstantAssignmentNorm and its backward, the rest of CBN is '
+                  'small (M, C) ops):', '', '| op | calls | self ms | share |',
                   '|---|---|---|---|']
         for p in res['profile']['ops']:
             lines.append(f"| {p['op']} | {p['calls']} | {p['self_ms']:.1f} | {100 * p['share']:.1f}% |")
@@ -226,22 +234,17 @@ NOTES = [
     'The machine these numbers come from may be shared (see "load avg" per cell: with more runnable '
     'processes than cores, wall-clock ratios are noise and even CPU-time ratios drift, since caches and '
     'memory bandwidth are shared).  Re-run on a quiet machine for the record; cells resume.',
-    'CBN kernel (lt_zoo/layers/compound_bn_functional.py): one layout for both memory formats (X = '
-    'x.flatten(2), an (N, C, L) view), E-step / M-step / mixing as batched GEMMs with M on one side, an '
-    'analytic backward with constant responsibilities, (x - s)^2 buffer reused as the output, eval '
-    'constants (E-step coefficients, folded scale/offset) computed once per state.',
-    'Where an eager CBN layer spends its time: per training step it makes ~12 passes over the P x C map '
-    'in forward (x - s, (x - s)^2, two E-step GEMM reads, two moment GEMM reads, two expansion GEMM '
-    'writes R A and R B, the multiply) and ~13 in backward, against ~3 + ~4 for BN; the expansions are '
-    'GEMMs with inner dimension K = M = 4, which MKL runs at about a third of the speed of an elementwise '
-    'pass (1.1 ms vs 0.3 ms for 128x16x32x32 on this CPU), and every fresh map-sized temporary costs page '
-    'faults on CPU.  In ResNet-32 the norm layers are ~20% of a BN training step, so ~3x their cost is '
-    '~1.4x overall: eager CBN stays above the 1.3x target.',
-    'What a fused kernel would buy (CPU or GPU): forward = one pass reading x that accumulates N_k, S1, '
-    'S2 with r computed in registers (M x C coefficients fit in cache), then one read of x and one write '
-    'of y recomputing r; backward = one read of (x, g) for G_k, H_k and one read + write for dx.  That is '
-    "BN's memory traffic plus O(M C) flops per vector, i.e. an estimated 1.1-1.2x BN for M = 4 at these "
-    'widths.  torch.compile approximates it (the layer compiles with fullgraph=True, no graph breaks).',
+    '`cbn_m4` runs the eager default on CPU, the native C++ kernel (lt_zoo/layers/compound_bn_native.py: '
+    'E-step with moments, output, backward sums and input gradient, one pass each over the map, OpenMP over '
+    'images); `cbn_m4_gemm` is the same network on the batched-GEMM formulation it replaced (the fallback '
+    'without a C++ compiler), timed in the same round-robin.',
+    'The GEMM formulation makes ~12 passes over the P x C map in forward and ~13 in backward, against ~3 + '
+    '~4 for BN; its expansions are GEMMs with inner dimension K = M = 4, which MKL runs at about a third of '
+    'the speed of an elementwise pass.  The native passes do BN\'s memory traffic plus O(M C) flops per '
+    'vector; what remains above BN is those flops and ~40 small (M, C) torch ops per layer and step '
+    '(statistics, running updates), about 10-20 us each.',
+    'torch.compile traces the pointwise formulation instead (no trace sees into C++); its costs are in '
+    'benchmarks/results/cbn_kernel_speed.md and cbn_compiled_block.md.',
 ]
 
 

@@ -201,6 +201,10 @@ class CompoundBatchNorm2d(nn.Module):
         # (targets, num_classes) while a split_norm() block is active; plain attribute, not state.
         self._split: Optional[Tuple[torch.Tensor, int]] = None
         self._eval_cache = None  # (tensors, versions, options, FoldedEval)
+        # Which formulation computes the layer (compound_bn_functional.KERNELS; 'auto': native C++ on CPU, the
+        # pointwise one under torch.compile).  Not a model option: every kernel gives the same results to
+        # rounding, so it is a plain attribute, neither a constructor argument nor state.
+        self.kernel = 'auto'
         # False: training forwards normalise as usual but leave the running state alone (frozen_running_stats)
         self.update_running = True
         self.reset_parameters()
@@ -300,14 +304,14 @@ class CompoundBatchNorm2d(nn.Module):
         if not self.training:
             folded = self._cached_eval_constants(x)
             if folded is not None:
-                return cbf.compound_norm_eval(x, folded, self.responsibility_grad)
+                return cbf.compound_norm_eval(x, folded, self.responsibility_grad, self.kernel)
         state = (self.running_prior, self.running_mean, self.running_var)
         if self.training and torch.compiler.is_compiling():  # a graph's backward must not read the buffers
             state = _state_copy(*state)
         y, stats = cbf.compound_batch_norm(
             x, *state, self.weight, self.bias, self.training,
             self.eps, temperature=self._temperature(), combine=self.combine, train_stats=self.train_stats,
-            responsibility_grad=self.responsibility_grad, groups=groups, sync=sync)
+            responsibility_grad=self.responsibility_grad, groups=groups, sync=sync, kernel=self.kernel)
         if stats is not None and self.update_running:
             self._update_running(stats, update_prior=groups is None)
         return y
