@@ -309,15 +309,16 @@ def _batch_sums(R, X, X2) -> torch.Tensor:
 
 def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
                    combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False,
-                   native: bool = False):
+                   native: bool = False, shift: Optional[torch.Tensor] = None):
     """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward).
-    ``native``: the map-sized steps in the native kernel (no autograd through them)."""
+    ``native``: the map-sized steps in the native kernel (no autograd through them); with ``shift``, xc4 is
+    the raw map and the native passes subtract the shift themselves."""
     c = xc4.shape[1]
     X = None if pointwise or native else xc4.flatten(2)
     X2 = sq4 = None
     if native:
         coef = estep_coefficients(prior, mean_rel, var, eps, temperature) if groups is None else None
-        R, sums = _native.estep_moments(xc4, prior.shape[0], coef, groups)
+        R, sums = _native.estep_moments(xc4, prior.shape[0], coef, groups, shift)
     elif pointwise:
         if groups is None:
             with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -353,7 +354,7 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
     if pointwise:
         return _pointwise_mix(R, scale, offset, xc4), stats, None
     if native:
-        return _native.combine(xc4, None, R, scale, None, offset), stats, (R, cw, inv, mean_rel, safe, mask)
+        return _native.combine(xc4, None, R, scale, None, offset, shift), stats, (R, cw, inv, mean_rel, safe, mask)
     graph = _needs_graph(xc4, scale, offset)
     if sq4 is None and not graph:
         sq4 = torch.empty_like(xc4)
@@ -375,11 +376,11 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync, native):
+    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync, native, shift):
         y4, stats, (R, cw, inv, mean_used, safe, mask) = _train_forward(
             xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, True, False, sync,
-            native=native)
-        ctx.sync, ctx.native = sync, native
+            native=native, shift=shift)
+        ctx.sync, ctx.native, ctx.shift = sync, native, shift
         ctx.save_for_backward(xc4, R, cw, weight, inv, mean_used, safe, mask)
         ctx.mark_non_differentiable(*stats)
         return (y4,) + tuple(stats)
@@ -388,7 +389,7 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
     def backward(ctx, gy, *unused):
         xc4, R, cw, weight, inv, mean, safe, mask = ctx.saved_tensors
         if ctx.native:
-            gk, hk = _native.grad_moments(xc4, gy, R)
+            gk, hk = _native.grad_moments(xc4, gy, R, ctx.shift)
         else:
             X, G = xc4.flatten(2), gy.flatten(2)
             cl = _channels_fastest(X)
@@ -411,13 +412,13 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
             u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / safe, zero)
             v = torch.where(mask, -scale * gk / safe, zero) - u * mean
             if ctx.native:
-                dx = _native.combine(xc4, gy, R, u, scale if cw is None else scale * cw.unsqueeze(1), v)
-                return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+                dx = _native.combine(xc4, gy, R, u, scale if cw is None else scale * cw.unsqueeze(1), v, ctx.shift)
+                return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
             _scale_into(gX, R, scale if cw is None else scale * cw.unsqueeze(1), G, cl)
             gX.addcmul_(_expand(R, u, cl), X)
             _add_into(gX, R, v, cl)
             dx = gx4
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
 
 
 def batch_shift(x: torch.Tensor, sync: bool) -> torch.Tensor:
@@ -462,15 +463,21 @@ def compound_batch_norm(
                                       groups, eps, temperature, combine, use_batch,
                                       responsibility_grad and groups is None, sync, pointwise=True)
         return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)
-    xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))  # also promotes bf16/fp16 to cdt
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    native = _use_native(kernel, xc4)
-    if graph and use_batch and not (responsibility_grad and groups is None):
+    analytic = graph and use_batch and not (responsibility_grad and groups is None)
+    # the native steps have no autograd: only under the analytic backward or where no graph is needed
+    native = (analytic or not graph) and x.dtype == cdt and _native.supports(x) and _use_native(kernel, x)
+    if native:  # the raw map: the passes subtract the shift themselves, no shifted copy
+        xc4, pass_shift = x, shift
+    else:
+        xc4, pass_shift = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1))), None  # also bf16 -> cdt
+        native = (analytic or not graph) and _use_native(kernel, xc4)
+    if analytic:
         y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
-                                                temperature, combine, sync, native)
+                                                temperature, combine, sync, native, pass_shift)
         stats = BatchStats(*st)
-    else:  # autograd through the map's ops when a graph is needed: the native steps have none
+    else:  # autograd through the map's ops when a graph is needed
         y4, stats, _ = _train_forward(xc4, weight, bias, prior, mean - shift, var, groups, eps, temperature,
                                       combine, use_batch, responsibility_grad and groups is None, sync,
-                                      native=native and not graph)
+                                      native=native, shift=pass_shift)
     return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)

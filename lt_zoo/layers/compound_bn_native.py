@@ -136,48 +136,57 @@ def _threads() -> ctypes.c_int:
     return ctypes.c_int(max(1, torch.get_num_threads()))
 
 
-def estep_moments(x: torch.Tensor, m: int, coef, groups: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _shift(shift: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    return _small(shift, x) if shift is not None else None
+
+
+# Every function works on x - shift (shift (C,), subtracted inside the pass; None: x is already shifted).
+def estep_moments(x: torch.Tensor, m: int, coef, groups: Optional[torch.Tensor],
+                  shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(R, sums) of the map x (N, C, H, W): R (N, M, H*W) posteriors from the E-step coefficients ``coef``
     (w1, w2, const), or (N, M, 1) one-hot ``groups`` (N,) on the split path (``coef`` unused, may be None);
     sums (M, 2 + 2C) = [sum r, sum r^2, sum r x_c, sum r x_c^2] over the batch's positions."""
     w1, w2, const = (_small(t, x) for t in coef) if groups is None else (None, None, None)
+    shift = _shift(shift, x)
     R = torch.empty(x.shape[0], m, 1 if groups is not None else x.shape[2] * x.shape[3], dtype=x.dtype)
     sums = torch.empty(m, 2 + 2 * x.shape[1], dtype=x.dtype)
     g = groups.to(torch.int64).contiguous() if groups is not None else None
-    _fn('estep_moments', x.dtype)(_ptr(x), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), ctypes.c_int64(m), _ptr(g),
+    _fn('estep_moments', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), ctypes.c_int64(m), _ptr(g),
                                   _ptr(R), _ptr(sums), _threads())
     return R, sums
 
 
 def combine(x: torch.Tensor, g: Optional[torch.Tensor], R: torch.Tensor, A: torch.Tensor, B: Optional[torch.Tensor],
-            D: torch.Tensor) -> torch.Tensor:
+            D: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = x * (R^T A) [+ g * (R^T B)] + R^T D per position, in x's layout; A, B, D (M, C)."""
     g = _same_layout(g, x) if g is not None else None
+    shift = _shift(shift, x)
     A, D = _small(A, x), _small(D, x)
     B = _small(B, x) if B is not None else None
     out = torch.empty_like(x)
-    _fn('combine', x.dtype)(_ptr(x), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
+    _fn('combine', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
                             ctypes.c_int64(R.shape[1]), _ptr(A), _ptr(B), _ptr(D), _ptr(out), _threads())
     return out
 
 
-def grad_moments(x: torch.Tensor, g: torch.Tensor, R: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def grad_moments(x: torch.Tensor, g: torch.Tensor, R: torch.Tensor,
+                 shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(R^T g, R^T (g x)) summed over the batch's positions, each (M, C)."""
     g = _same_layout(g, x)
+    shift = _shift(shift, x)
     m, c = R.shape[1], x.shape[1]
     G, H = torch.empty(m, c, dtype=x.dtype), torch.empty(m, c, dtype=x.dtype)
-    _fn('grad_moments', x.dtype)(_ptr(x), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
+    _fn('grad_moments', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
                                  ctypes.c_int64(m), _ptr(G), _ptr(H), _threads())
     return G, H
 
 
 def folded_eval(x: torch.Tensor, coef, scale: torch.Tensor, offset: torch.Tensor,
                 shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eval output from folded constants (E-step and mixing in one pass), in x's layout; ``shift`` (C,): the
-    constants are in coordinates x - shift, subtracted inside the pass (None: x is already shifted)."""
+    """Eval output from folded constants (E-step and mixing in one pass), in x's layout."""
     w1, w2, const = (_small(t, x) for t in coef)
     scale, offset = _small(scale, x), _small(offset, x)
-    shift = _small(shift, x) if shift is not None else None
+    shift = _shift(shift, x)
     out = torch.empty_like(x)
     _fn('eval', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const),
                          ctypes.c_int64(w1.shape[0]), _ptr(scale), _ptr(offset), _ptr(out), _threads())

@@ -5,13 +5,14 @@
 // image, gathered into a [C][T] scratch tile whatever the map's layout (contiguous (N, C, L) or
 // channels_last (N, L, C)), so every inner loop runs over T adjacent positions and vectorises.
 //
+// Every pass takes the raw map and the shift s (C,) of the layer's shifted coordinates, and works on x - s.
 //   estep_moments  r_pk = softmax_k(const_k + sum_c x_pc (w1_kc + x_pc w2_kc)), thresholded at 1e-30
 //                  (or the one-hot group of each image), stored as R (N, M, L); and the sums
 //                  [sum_p r, sum_p r^2, sum_p r x_c, sum_p r x_c^2] as (M, 2 + 2C)        (Eq. 7-10)
 //   combine        out_pc = x_pc sum_k r_pk A_kc [+ g_pc sum_k r_pk B_kc] + sum_k r_pk D_kc:
 //                  the output (A = scale, D = offset) and the input gradient (A = U, B = W A, D = V)
 //   grad_moments   G_kc = sum_p r_pk g_pc, H_kc = sum_p r_pk g_pc x_pc
-//   eval           E-step and output in one pass from the raw map and the shift s, R never stored
+//   eval           E-step and output in one pass, R never stored
 //
 // R is (N, M, L), or (N, M, 1) on the split path (one weight per image).  Sums accumulate in the map's
 // scalar type, in a different order than the GEMM formulation: results agree to rounding.
@@ -118,6 +119,14 @@ struct Tiles {
         }
     }
 
+    // the same, minus the shift s per channel (nullptr: none): x - s without a shifted copy of the map;
+    // padded positions hold -s, and every caller gives them weight 0 or leaves them unwritten
+    void gather(const S* x, const S* shift, int64_t img, int64_t l0, int64_t tn, V* tile) const {
+        gather(x, img, l0, tn, tile);
+        if (shift)
+            for (int64_t ch = 0; ch < c; ++ch) tile[ch] -= shift[ch];
+    }
+
     void scatter(S* out, int64_t img, int64_t l0, int64_t tn, const V* tile) const {
         if (cl) {
             S* base = out + (img * l + l0) * c;
@@ -180,8 +189,8 @@ void estep_tile(const V* xt, int64_t c, int64_t m, const S* w1, const S* w2, con
 }
 
 template <typename S>
-void estep_moments(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2, const S* cst,
-                   int64_t m, const int64_t* groups, S* R, S* sums, int nt) {
+void estep_moments(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2,
+                   const S* cst, int64_t m, const int64_t* groups, S* R, S* sums, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
     const int64_t width = 2 + 2 * c;
@@ -195,7 +204,7 @@ void estep_moments(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S*
         for (int64_t img = first; img < last; ++img) {
             for (int64_t l0 = 0; l0 < l; l0 += T) {
                 const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, img, l0, tn, xt.data());
+                tl.gather(x, shift, img, l0, tn, xt.data());
                 S valid[T];
                 for (int64_t t = 0; t < T; ++t) valid[t] = t < tn ? S(1) : S(0);
                 const V mask = load<S>(valid);
@@ -266,8 +275,8 @@ void combine_tile(const V* xt, const V* gt, const V* r, int64_t c, int64_t m, co
 }
 
 template <typename S>
-void combine(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R, int64_t lr, int64_t m,
-             const S* A, const S* B, const S* D, S* out, int nt) {
+void combine(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R,
+             int64_t lr, int64_t m, const S* A, const S* B, const S* D, S* out, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
 #pragma omp parallel num_threads(nt)
@@ -278,7 +287,7 @@ void combine(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, co
         for (int64_t img = first; img < last; ++img)
             for (int64_t l0 = 0; l0 < l; l0 += T) {
                 const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, img, l0, tn, xt.data());
+                tl.gather(x, shift, img, l0, tn, xt.data());
                 if (g) tl.gather(g, img, l0, tn, gt.data());
                 tl.load_r(R, img, l0, tn, m, lr, r.data());
                 combine_tile<S>(xt.data(), g ? gt.data() : nullptr, r.data(), c, m, A, B, D, ot.data());
@@ -288,8 +297,8 @@ void combine(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, co
 }
 
 template <typename S>
-void grad_moments(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R, int64_t lr, int64_t m,
-                  S* G, S* H, int nt) {
+void grad_moments(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R,
+                  int64_t lr, int64_t m, S* G, S* H, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
     std::vector<S> parts(static_cast<size_t>(nt) * 2 * m * c, S(0));
@@ -302,7 +311,7 @@ void grad_moments(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int c
         for (int64_t img = first; img < last; ++img)
             for (int64_t l0 = 0; l0 < l; l0 += T) {
                 const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, img, l0, tn, xt.data());
+                tl.gather(x, shift, img, l0, tn, xt.data());
                 tl.gather(g, img, l0, tn, gt.data());
                 tl.load_r(R, img, l0, tn, m, lr, r.data());
                 for (int64_t k = 0; k < m; ++k)
@@ -343,9 +352,7 @@ void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, c
         for (int64_t img = first; img < last; ++img)
             for (int64_t l0 = 0; l0 < l; l0 += T) {
                 const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, img, l0, tn, xt.data());
-                if (shift)  // x - s in the tile: no shifted copy of the map
-                    for (int64_t ch = 0; ch < c; ++ch) xt[ch] -= shift[ch];
+                tl.gather(x, shift, img, l0, tn, xt.data());
                 estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
                 combine_tile<S>(xt.data(), static_cast<const V*>(nullptr), r.data(), c, m, scale,
                                 static_cast<const S*>(nullptr), offset, ot.data());
@@ -357,18 +364,20 @@ void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, c
 }  // namespace
 
 #define LT_ZOO_EXPORT(S, SUF)                                                                                     \
-    extern "C" void cbn_estep_moments_##SUF(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* w1,     \
-                                           const S* w2, const S* cst, int64_t m, const int64_t* groups, S* R,     \
-                                           S* sums, int nt) {                                                     \
-        estep_moments<S>(x, n, c, l, cl, w1, w2, cst, m, groups, R, sums, nt);                                    \
+    extern "C" void cbn_estep_moments_##SUF(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl,  \
+                                           const S* w1, const S* w2, const S* cst, int64_t m,                     \
+                                           const int64_t* groups, S* R, S* sums, int nt) {                        \
+        estep_moments<S>(x, shift, n, c, l, cl, w1, w2, cst, m, groups, R, sums, nt);                             \
     }                                                                                                             \
-    extern "C" void cbn_combine_##SUF(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R, \
-                                     int64_t lr, int64_t m, const S* A, const S* B, const S* D, S* out, int nt) { \
-        combine<S>(x, g, n, c, l, cl, R, lr, m, A, B, D, out, nt);                                                \
+    extern "C" void cbn_combine_##SUF(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64_t l,    \
+                                     int cl, const S* R, int64_t lr, int64_t m, const S* A, const S* B,           \
+                                     const S* D, S* out, int nt) {                                                \
+        combine<S>(x, shift, g, n, c, l, cl, R, lr, m, A, B, D, out, nt);                                         \
     }                                                                                                             \
-    extern "C" void cbn_grad_moments_##SUF(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl,       \
-                                          const S* R, int64_t lr, int64_t m, S* G, S* H, int nt) {                \
-        grad_moments<S>(x, g, n, c, l, cl, R, lr, m, G, H, nt);                                                   \
+    extern "C" void cbn_grad_moments_##SUF(const S* x, const S* shift, const S* g, int64_t n, int64_t c,          \
+                                          int64_t l, int cl, const S* R, int64_t lr, int64_t m, S* G, S* H,       \
+                                          int nt) {                                                               \
+        grad_moments<S>(x, shift, g, n, c, l, cl, R, lr, m, G, H, nt);                                            \
     }                                                                                                             \
     extern "C" void cbn_eval_##SUF(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl,           \
                                   const S* w1, const S* w2, const S* cst, int64_t m, const S* scale,              \
