@@ -354,6 +354,9 @@ BAD_OPTIONS = [  # (extra argv on digits/ce.yaml, exception, message pattern)
     (['--stage', 'crt'], ValueError, r"stage 'crt' needs stage1_dir"),
     (['--model', 'null'], ValueError, r"stage1 needs a model, e.g. --model resnet32"),
     (['--stop_after_epoch', '1', '--save_checkpoints', 'false'], ValueError, r"stop_after_epoch needs save_checkpoints"),
+    # an option measured not to train from scratch is refused with the measurement
+    (['--model', 'resnet20_cbn', '--model_kwargs', '{"responsibility_grad": true}'], ValueError,
+     r"responsibility_grad: true does not train from scratch.*41.1% balanced accuracy"),
 ]
 
 

@@ -72,6 +72,19 @@ def _check_names(cfg: Dict[str, Any]) -> None:
         raise ValueError(f"unknown sampler {cfg['sampler']!r}; valid: {list_samplers()}")
 
 
+def _check_trainable(cfg: Dict[str, Any]) -> None:
+    """Refuse model options measured not to train from scratch, with the measurement (a config that is valid
+    for a layer, and for fine-tuning, but not for a fresh network)."""
+    kwargs = cfg['model_kwargs']
+    if cfg['stage'] == 'stage1' and kwargs.get('responsibility_grad') and not kwargs.get('pretrained'):
+        raise ValueError(
+            "model_kwargs responsibility_grad: true does not train from scratch: back-propagating through the "
+            "E-step's posteriors made the loss jump to 475 and 229 (epochs 4 and 8) on Fashion-MNIST-LT, and the "
+            "run ended at 41.1% balanced accuracy against 84.2% without it (benchmark row cbn_rgrad, "
+            "docs/compound_bn.md#decision-responsibility-gradient). Use responsibility_grad: false (the "
+            "default), or fine-tune trained weights with it (model_kwargs pretrained: true)")
+
+
 def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[dict], Optional[nn.Module]]:
     """Train and evaluate one run (a flat config, as :func:`load_config` returns it).
 
@@ -81,6 +94,7 @@ def run(cfg: Dict[str, Any], command: str = 'train/train.py') -> Tuple[Optional[
     """
     cfg = validate_config(dict(cfg))
     _check_names(cfg)
+    _check_trainable(cfg)
     # one owner per directory: rank 0 of a distributed launch (RANK is unset in a single process)
     with run_dir_lock(cfg['output_dir'], enabled=int(os.environ.get('RANK', '0')) == 0):
         return _train(cfg, command)
