@@ -3,7 +3,6 @@
 The folder loads back with ``timm.create_model('local-dir:' + folder, pretrained=True)`` (after
 ``import lt_zoo``) and is what ``lt_zoo.hub`` uploads.  Only safetensors are written or read.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from timm.models import save_for_hf
 
+from .file_hash import sha256_file as _sha256
 from .layers.create_norm import NORM_TABLE, NORMS
 from .models._builder import HEADS, model_name
 from .models.cifar_resnet import CIFAR_DEPTHS
@@ -108,14 +108,6 @@ def export_model(
             os.chmod(os.path.join(tmp, name), 0o644)  # safetensors writes 0600; exports are meant to be shared
             os.replace(os.path.join(tmp, name), out / name)
     return out
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_export_config(folder: str) -> Dict[str, Any]:

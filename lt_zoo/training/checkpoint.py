@@ -28,7 +28,6 @@ accumulation step and every process's RNG streams (its dataloader sampler state 
 iterable datasets and stateful dataloaders, which the trainer does not use).  Other accelerators'
 generators (XPU, MLU, ...) are not saved.  Multi-node runs need a shared file system, as with Accelerate.
 """
-import hashlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from ..file_hash import sha256_file as _sha256
 from .run_dir import CHECKPOINTS, checkpoint_dirs, checkpoint_name
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'validate_checkpoint', 'find_resume_checkpoint',
@@ -179,14 +179,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- file safety
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -87,6 +87,15 @@ inline void my_images(int64_t n, int64_t& first, int64_t& last) {
     last = n * (tid + 1) / nth;
 }
 
+// f(img, l0, tn) for every tile of this thread's images: positions [l0, l0 + tn) of image img
+template <typename F>
+inline void each_tile(int64_t n, int64_t l, F&& f) {
+    int64_t first, last;
+    my_images(n, first, last);
+    for (int64_t img = first; img < last; ++img)
+        for (int64_t l0 = 0; l0 < l; l0 += T) f(img, l0, l - l0 < T ? l - l0 : T);
+}
+
 template <typename S>
 struct Tiles {
     typedef typename Lanes<S>::V V;
@@ -199,39 +208,34 @@ void estep_moments(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, 
 #pragma omp parallel num_threads(nt)
     {
         std::vector<V> xt(c), r(m), p(m * c), q(m * c), cnt(m), sq(m);
-        int64_t first, last;
-        my_images(n, first, last);
-        for (int64_t img = first; img < last; ++img) {
-            for (int64_t l0 = 0; l0 < l; l0 += T) {
-                const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, shift, img, l0, tn, xt.data());
-                S valid[T];
-                for (int64_t t = 0; t < T; ++t) valid[t] = t < tn ? S(1) : S(0);
-                const V mask = load<S>(valid);
-                if (groups) {
-                    for (int64_t k = 0; k < m; ++k) r[k] = k == groups[img] ? mask : V{};
-                } else {
-                    estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
-                    for (int64_t k = 0; k < m; ++k) {
-                        r[k] *= mask;  // padded positions weigh nothing
-                        S buf[T];
-                        store(buf, r[k]);
-                        std::memcpy(R + (img * m + k) * l + l0, buf, tn * sizeof(S));
-                    }
-                }
+        each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            tl.gather(x, shift, img, l0, tn, xt.data());
+            S valid[T];
+            for (int64_t t = 0; t < T; ++t) valid[t] = t < tn ? S(1) : S(0);
+            const V mask = load<S>(valid);
+            if (groups) {
+                for (int64_t k = 0; k < m; ++k) r[k] = k == groups[img] ? mask : V{};
+                if (l0 == 0)
+                    for (int64_t k = 0; k < m; ++k) R[img * m + k] = k == groups[img] ? S(1) : S(0);
+            } else {
+                estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
                 for (int64_t k = 0; k < m; ++k) {
-                    cnt[k] += r[k];
-                    sq[k] += r[k] * r[k];
-                    for (int64_t ch = 0; ch < c; ++ch) {
-                        const V rx = r[k] * xt[ch];
-                        p[k * c + ch] += rx;
-                        q[k * c + ch] += rx * xt[ch];
-                    }
+                    r[k] *= mask;  // padded positions weigh nothing
+                    S buf[T];
+                    store(buf, r[k]);
+                    std::memcpy(R + (img * m + k) * l + l0, buf, tn * sizeof(S));
                 }
             }
-            if (groups)
-                for (int64_t k = 0; k < m; ++k) R[img * m + k] = k == groups[img] ? S(1) : S(0);
-        }
+            for (int64_t k = 0; k < m; ++k) {
+                cnt[k] += r[k];
+                sq[k] += r[k] * r[k];
+                for (int64_t ch = 0; ch < c; ++ch) {
+                    const V rx = r[k] * xt[ch];
+                    p[k * c + ch] += rx;
+                    q[k * c + ch] += rx * xt[ch];
+                }
+            }
+        });
         S* part = parts.data() + static_cast<size_t>(omp_get_thread_num()) * m * width;
         for (int64_t k = 0; k < m; ++k) {
             part[k * width] = hsum<S>(cnt[k]);
@@ -282,17 +286,13 @@ void combine(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64
 #pragma omp parallel num_threads(nt)
     {
         std::vector<V> xt(c), gt(g ? c : 0), ot(c), r(m);
-        int64_t first, last;
-        my_images(n, first, last);
-        for (int64_t img = first; img < last; ++img)
-            for (int64_t l0 = 0; l0 < l; l0 += T) {
-                const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, shift, img, l0, tn, xt.data());
-                if (g) tl.gather(g, img, l0, tn, gt.data());
-                tl.load_r(R, img, l0, tn, m, lr, r.data());
-                combine_tile<S>(xt.data(), g ? gt.data() : nullptr, r.data(), c, m, A, B, D, ot.data());
-                tl.scatter(out, img, l0, tn, ot.data());
-            }
+        each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            tl.gather(x, shift, img, l0, tn, xt.data());
+            if (g) tl.gather(g, img, l0, tn, gt.data());
+            tl.load_r(R, img, l0, tn, m, lr, r.data());
+            combine_tile<S>(xt.data(), g ? gt.data() : nullptr, r.data(), c, m, A, B, D, ot.data());
+            tl.scatter(out, img, l0, tn, ot.data());
+        });
     }
 }
 
@@ -306,21 +306,17 @@ void grad_moments(const S* x, const S* shift, const S* g, int64_t n, int64_t c, 
 #pragma omp parallel num_threads(nt)
     {
         std::vector<V> xt(c), gt(c), r(m), ga(m * c), ha(m * c);
-        int64_t first, last;
-        my_images(n, first, last);
-        for (int64_t img = first; img < last; ++img)
-            for (int64_t l0 = 0; l0 < l; l0 += T) {
-                const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, shift, img, l0, tn, xt.data());
-                tl.gather(g, img, l0, tn, gt.data());
-                tl.load_r(R, img, l0, tn, m, lr, r.data());
-                for (int64_t k = 0; k < m; ++k)
-                    for (int64_t ch = 0; ch < c; ++ch) {
-                        const V rg = r[k] * gt[ch];
-                        ga[k * c + ch] += rg;
-                        ha[k * c + ch] += rg * xt[ch];
-                    }
-            }
+        each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            tl.gather(x, shift, img, l0, tn, xt.data());
+            tl.gather(g, img, l0, tn, gt.data());
+            tl.load_r(R, img, l0, tn, m, lr, r.data());
+            for (int64_t k = 0; k < m; ++k)
+                for (int64_t ch = 0; ch < c; ++ch) {
+                    const V rg = r[k] * gt[ch];
+                    ga[k * c + ch] += rg;
+                    ha[k * c + ch] += rg * xt[ch];
+                }
+        });
         S* part = parts.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * m * c;
         for (int64_t i = 0; i < m * c; ++i) {
             part[i] = hsum<S>(ga[i]);
@@ -347,17 +343,13 @@ void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, c
 #pragma omp parallel num_threads(nt)
     {
         std::vector<V> xt(c), ot(c), r(m);
-        int64_t first, last;
-        my_images(n, first, last);
-        for (int64_t img = first; img < last; ++img)
-            for (int64_t l0 = 0; l0 < l; l0 += T) {
-                const int64_t tn = l - l0 < T ? l - l0 : T;
-                tl.gather(x, shift, img, l0, tn, xt.data());
-                estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
-                combine_tile<S>(xt.data(), static_cast<const V*>(nullptr), r.data(), c, m, scale,
-                                static_cast<const S*>(nullptr), offset, ot.data());
-                tl.scatter(out, img, l0, tn, ot.data());
-            }
+        each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            tl.gather(x, shift, img, l0, tn, xt.data());
+            estep_tile<S>(xt.data(), c, m, w1, w2, cst, r.data());
+            combine_tile<S>(xt.data(), static_cast<const V*>(nullptr), r.data(), c, m, scale,
+                            static_cast<const S*>(nullptr), offset, ot.data());
+            tl.scatter(out, img, l0, tn, ot.data());
+        });
     }
 }
 
