@@ -148,3 +148,20 @@ def test_auto_kernel_runs_natively_on_cpu_and_falls_back_when_turned_off_or_unbu
     assert broken.stdout.startswith('native False warnings 1') and 'native CPU kernel of CompoundBatchNorm2d is off' \
         in broken.stdout and "refused: kernel='native'" in broken.stdout
     assert not any((tmp_path / 'cache').glob('*.so'))  # nothing half-built left in the cache
+
+
+def test_layer_kernel_attribute_selects_the_formulation_and_is_not_state():
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    torch.manual_seed(0)
+    layers = [CompoundBatchNorm2d(5, 3).double() for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    layers[1].kernel = 'gemm'
+    assert layers[0].kernel == 'auto' and 'kernel' not in ''.join(layers[0].state_dict())
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    for training in (True, False):
+        ys = [layer.train(training)(x) for layer in layers]
+        torch.testing.assert_close(ys[1], ys[0], rtol=1e-10, atol=1e-10)
+    layers[1].kernel = 'fused'
+    for training in (True, False):
+        with torch.no_grad(), pytest.raises(ValueError, match="kernel must be one of"):
+            layers[1].train(training)(x)

@@ -71,6 +71,11 @@ def _pointwise(kernel: str) -> bool:
     return kernel == 'pointwise' or (kernel in ('auto', 'native') and torch.compiler.is_compiling())
 
 
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 def _use_native(kernel: str, xc4: torch.Tensor) -> bool:
     """Whether the GEMM formulation's map-sized steps run in the native kernel (``xc4`` in standard layout)."""
     if torch.jit.is_tracing():  # a TorchScript trace would not record the C++ passes
@@ -261,6 +266,7 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
                        kernel: str = 'auto') -> torch.Tensor:
     """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
     GEMM kernel: two map-sized buffers, x - s and (x - s)^2, which then receives the output."""
+    _check_kernel(kernel)
     if _pointwise(kernel):
         xc4 = torch.sub(x, f.shift.view(1, -1, 1, 1))
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -449,8 +455,7 @@ def compound_batch_norm(
     all-reduce the batch sums over the initialised process group.  Options as CompoundBatchNorm2d's.
     ``kernel``: see :data:`KERNELS`.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_kernel(kernel)
     cdt = compute_dtype(x)
     prior, mean, var = running_prior.to(cdt), running_mean.to(cdt), running_var.to(cdt)
     if not training:
