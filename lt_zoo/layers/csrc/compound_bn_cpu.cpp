@@ -205,7 +205,7 @@ void estep_moments(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, 
     const int64_t width = 2 + 2 * c;
     std::vector<S> parts(static_cast<size_t>(nt) * m * width, S(0));
     int used = 1;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         std::vector<V> xt(c), r(m), p(m * c), q(m * c), cnt(m), sq(m);
         each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
@@ -283,7 +283,7 @@ void combine(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64
              int64_t lr, int64_t m, const S* A, const S* B, const S* D, S* out, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         std::vector<V> xt(c), gt(g ? c : 0), ot(c), r(m);
         each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
@@ -303,7 +303,7 @@ void grad_moments(const S* x, const S* shift, const S* g, int64_t n, int64_t c, 
     const Tiles<S> tl{n, c, l, cl};
     std::vector<S> parts(static_cast<size_t>(nt) * 2 * m * c, S(0));
     int used = 1;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         std::vector<V> xt(c), gt(c), r(m), ga(m * c), ha(m * c);
         each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
@@ -340,7 +340,7 @@ void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, c
           const S* cst, int64_t m, const S* scale, const S* offset, S* out, int nt) {
     typedef typename Lanes<S>::V V;
     const Tiles<S> tl{n, c, l, cl};
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         std::vector<V> xt(c), ot(c), r(m);
         each_tile(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
