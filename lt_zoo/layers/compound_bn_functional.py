@@ -90,6 +90,16 @@ def _use_native(kernel: str, xc4: torch.Tensor) -> bool:
     return kernel == 'auto' and _native.supports(xc4) and _native.available()
 
 
+def _native_or_shifted(kernel: str, x: torch.Tensor, shift: torch.Tensor, allowed: bool):
+    """(map, shift to subtract or None, native?) for the non-pointwise kernels: the raw map when the native
+    passes take it (they subtract the shift in their tiles: no shifted copy), else x - s in a standard
+    layout and the compute dtype (bf16/fp16 promoted), which the native passes may still take."""
+    if allowed and x.dtype == shift.dtype and _native.supports(x) and _use_native(kernel, x):
+        return x, shift, True
+    xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))
+    return xc4, None, allowed and _use_native(kernel, xc4)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Statistics are fp32 (fp64 for fp64 input) whatever the activation dtype."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -272,12 +282,10 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
             R = _pointwise_posteriors(xc4, (f.w1, f.w2, f.const))
         return _pointwise_mix(R, f.scale, f.offset, xc4).to(x.dtype)
-    if (x.dtype == f.shift.dtype and _native.supports(x) and _use_native(kernel, x)
-            and not _needs_graph(x, f.scale, f.offset, f.w1, f.w2)):  # x - s inside the pass
-        return _native.folded_eval(x, (f.w1, f.w2, f.const), f.scale, f.offset, f.shift)
-    xc4 = _standard_layout(torch.sub(x, f.shift.view(1, -1, 1, 1)))
-    if _use_native(kernel, xc4) and not _needs_graph(xc4, f.scale, f.offset, f.w1, f.w2):
-        return _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset).to(x.dtype)
+    xc4, pass_shift, native = _native_or_shifted(kernel, x, f.shift,
+                                                 allowed=not _needs_graph(x, f.scale, f.offset, f.w1, f.w2))
+    if native:
+        return _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset, pass_shift).to(x.dtype)
     with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
         sq4 = xc4 * xc4
         R = _posteriors(xc4.flatten(2), sq4.flatten(2), (f.w1, f.w2, f.const))
@@ -471,12 +479,7 @@ def compound_batch_norm(
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     analytic = graph and use_batch and not (responsibility_grad and groups is None)
     # the native steps have no autograd: only under the analytic backward or where no graph is needed
-    native = (analytic or not graph) and x.dtype == cdt and _native.supports(x) and _use_native(kernel, x)
-    if native:  # the raw map: the passes subtract the shift themselves, no shifted copy
-        xc4, pass_shift = x, shift
-    else:
-        xc4, pass_shift = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1))), None  # also bf16 -> cdt
-        native = (analytic or not graph) and _use_native(kernel, xc4)
+    xc4, pass_shift, native = _native_or_shifted(kernel, x, shift, allowed=analytic or not graph)
     if analytic:
         y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
                                                 temperature, combine, sync, native, pass_shift)

@@ -25,7 +25,6 @@
 namespace {
 
 constexpr int64_t T = 16;  // positions per tile: one vector of T lanes
-constexpr int64_t kAhead = 4 * T;  // software prefetch distance along a channel row (positions)
 
 // V: T lanes of S (GCC vector extension; 64 bytes of float = one AVX-512 register, or two AVX2 ones).
 template <typename S> struct Lanes;
@@ -114,9 +113,6 @@ struct Tiles {
         } else {
             const S* base = x + img * c * l + l0;
             if (tn == T) {
-                // C rows L apart: more streams than the hardware prefetcher follows once the map leaves L2
-                if (l0 + kAhead < l)
-                    for (int64_t ch = 0; ch < c; ++ch) __builtin_prefetch(base + ch * l + kAhead);
                 for (int64_t ch = 0; ch < c; ++ch) tile[ch] = load<S>(base + ch * l);
             } else {
                 for (int64_t ch = 0; ch < c; ++ch) {
