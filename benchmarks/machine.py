@@ -21,12 +21,19 @@ def write_results(res: dict, out: str, write_markdown: Callable[[dict, str], Non
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else platform.processor(), else 'unknown'."""
+    """The CPU's model name and widest vector extension, e.g. 'AMD EPYC (AVX2)': the same model name has
+    come with and without AVX-512 here, and the native CBN kernel's tile is one vector register wide."""
+    name, flags = '', set()
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+                if line.startswith('model name') and not name:
+                    name = line.split(':', 1)[1].strip()
+                elif line.startswith('flags') and not flags:
+                    flags = set(line.split(':', 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or 'unknown'
+    name = name or platform.processor() or 'unknown'
+    isa = next((label for flag, label in (('avx512f', 'AVX-512'), ('avx2', 'AVX2'), ('avx', 'AVX'))
+                if flag in flags), None)
+    return f'{name} ({isa})' if isa else name

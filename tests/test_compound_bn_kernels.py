@@ -85,11 +85,17 @@ def test_unknown_kernel_is_refused_before_any_work():
         cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, kernel='fused')
 
 
-@pytest.mark.parametrize('hw', [(1, 1), (4, 4), (5, 7), (9, 9)], ids=['1x1', 'one_tile', 'ragged', 'six_tiles'])
+@pytest.mark.parametrize('positions', [lambda t: 1, lambda t: t, lambda t: t + 3, lambda t: 6 * t - 1],
+                         ids=['1x1', 'one_tile', 'ragged', 'six_tiles'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_native_kernel_matches_gemm_at_every_tile_boundary(hw, dtype):
-    """The native passes walk the map in tiles of 16 positions; maps below, at and across a tile boundary, in
-    float32 (the training dtype; GEMM summation order differs) and float64."""
+def test_native_kernel_matches_gemm_at_every_tile_boundary(positions, dtype):
+    """The native passes walk the map in tiles of T positions, T the lanes of one vector register of the
+    CPU (the library reports it); maps below, at and across a tile boundary, in float32 (the training
+    dtype; GEMM summation order differs) and float64."""
+    from lt_zoo.layers import compound_bn_native
+    t = compound_bn_native.tile_positions(dtype)
+    assert t in (2, 4, 8, 16) and t * dtype.itemsize in (16, 32, 64)  # one SSE, AVX or AVX-512 register
+    hw = (1, positions(t))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
     for cl in (False, True):
         case = _case(4, c=5, hw=hw, channels_last=cl, dtype=dtype)
@@ -97,6 +103,17 @@ def test_native_kernel_matches_gemm_at_every_tile_boundary(hw, dtype):
             gemm, native = _run('gemm', case, training), _run('native', case, training)
             for a, b in zip(gemm, native):
                 torch.testing.assert_close(b, a, **tol)
+
+
+@pytest.mark.parametrize('m', [1, 3, 8, 9, 12])
+def test_native_kernel_matches_gemm_for_every_number_of_components(m):
+    """The native passes are compiled with M = 1..8 known (unrolled) and read M at run time above that;
+    both paths, training (output, gradients, statistics) and eval, float64, both layouts."""
+    for cl in (False, True):
+        case = _case(6, m=m, c=5, hw=(3, 7), channels_last=cl)
+        for training in (True, False):
+            for a, b in zip(_run('gemm', case, training), _run('native', case, training)):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
 def test_native_kernel_splits_the_batch_over_threads_without_changing_the_result():

@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path']
+__all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
+           'tile_positions']
 
 _SRC = Path(__file__).with_name('csrc') / 'compound_bn_cpu.cpp'
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the sums over a tile; it
@@ -109,35 +110,61 @@ def supports(x: torch.Tensor) -> bool:
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
+def tile_positions(dtype: torch.dtype) -> int:
+    """Positions per tile of the built library: one vector register of this CPU (16 float32 with AVX-512,
+    8 with AVX2, 4 with SSE; half as many float64)."""
+    return int(_fn('tile_positions', dtype)())
+
+
+# Argument types of the entry points (P: a pointer, I: int64, i: int), declared once so that a call
+# passes plain Python ints: a pass over a 4x4 map is a few microseconds, and per-call wrapping of
+# arguments into ctypes objects cost as much.
+_SIGNATURES = {
+    'estep_moments': 'PPIIIiPPPIPPPi',
+    'combine': 'PPPIIIiPIIPPPPi',
+    'grad_moments': 'PPPIIIiPIIPPi',
+    'eval': 'PPIIIiPPPIPPPi',
+    'tile_positions': '',
+}
+_CTYPES = {'P': ctypes.c_void_p, 'I': ctypes.c_int64, 'i': ctypes.c_int}
+_fns = {}
+
+
 def _fn(name: str, dtype: torch.dtype):
-    return getattr(_load(), f'cbn_{name}_{_SUFFIX[dtype]}')
+    fn = _fns.get((name, dtype))
+    if fn is None:
+        fn = getattr(_load(), f'cbn_{name}_{_SUFFIX[dtype]}')
+        fn.argtypes = [_CTYPES[k] for k in _SIGNATURES[name]]
+        fn.restype = ctypes.c_int64 if name == 'tile_positions' else None
+        _fns[(name, dtype)] = fn
+    return fn
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
 
 
 def _dims(x: torch.Tensor):
     n, c, h, w = x.shape
-    cl = 0 if x.is_contiguous() else 1
-    return ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(h * w), ctypes.c_int(cl)
+    return n, c, h * w, 0 if x.is_contiguous() else 1
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.dtype == like.dtype and t.stride() == like.stride():
+        return t
     fmt = torch.contiguous_format if like.is_contiguous() else torch.channels_last
     return t.to(like.dtype).contiguous(memory_format=fmt)
 
 
-def _small(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _small(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """A statistic in the map's dtype, contiguous (only read through its pointer: no detach needed)."""
+    if t is None or (t.dtype == like.dtype and t.is_contiguous()):
+        return t
     return t.detach().to(like.dtype).contiguous()
 
 
-def _threads() -> ctypes.c_int:
-    return ctypes.c_int(max(1, torch.get_num_threads()))
-
-
-def _shift(shift: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-    return _small(shift, x) if shift is not None else None
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
 
 
 # Every function works on x - shift (shift (C,), subtracted inside the pass; None: x is already shifted).
@@ -147,11 +174,11 @@ def estep_moments(x: torch.Tensor, m: int, coef, groups: Optional[torch.Tensor],
     (w1, w2, const), or (N, M, 1) one-hot ``groups`` (N,) on the split path (``coef`` unused, may be None);
     sums (M, 2 + 2C) = [sum r, sum r^2, sum r x_c, sum r x_c^2] over the batch's positions."""
     w1, w2, const = (_small(t, x) for t in coef) if groups is None else (None, None, None)
-    shift = _shift(shift, x)
+    shift = _small(shift, x)
     R = torch.empty(x.shape[0], m, 1 if groups is not None else x.shape[2] * x.shape[3], dtype=x.dtype)
     sums = torch.empty(m, 2 + 2 * x.shape[1], dtype=x.dtype)
     g = groups.to(torch.int64).contiguous() if groups is not None else None
-    _fn('estep_moments', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), ctypes.c_int64(m), _ptr(g),
+    _fn('estep_moments', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), m, _ptr(g),
                                   _ptr(R), _ptr(sums), _threads())
     return R, sums
 
@@ -160,12 +187,10 @@ def combine(x: torch.Tensor, g: Optional[torch.Tensor], R: torch.Tensor, A: torc
             D: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = x * (R^T A) [+ g * (R^T B)] + R^T D per position, in x's layout; A, B, D (M, C)."""
     g = _same_layout(g, x) if g is not None else None
-    shift = _shift(shift, x)
-    A, D = _small(A, x), _small(D, x)
-    B = _small(B, x) if B is not None else None
+    shift, A, B, D = (_small(t, x) for t in (shift, A, B, D))
     out = torch.empty_like(x)
-    _fn('combine', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
-                            ctypes.c_int64(R.shape[1]), _ptr(A), _ptr(B), _ptr(D), _ptr(out), _threads())
+    _fn('combine', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), R.shape[2], R.shape[1],
+                            _ptr(A), _ptr(B), _ptr(D), _ptr(out), _threads())
     return out
 
 
@@ -173,21 +198,19 @@ def grad_moments(x: torch.Tensor, g: torch.Tensor, R: torch.Tensor,
                  shift: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(R^T g, R^T (g x)) summed over the batch's positions, each (M, C)."""
     g = _same_layout(g, x)
-    shift = _shift(shift, x)
+    shift = _small(shift, x)
     m, c = R.shape[1], x.shape[1]
     G, H = torch.empty(m, c, dtype=x.dtype), torch.empty(m, c, dtype=x.dtype)
-    _fn('grad_moments', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), ctypes.c_int64(R.shape[2]),
-                                 ctypes.c_int64(m), _ptr(G), _ptr(H), _threads())
+    _fn('grad_moments', x.dtype)(_ptr(x), _ptr(shift), _ptr(g), *_dims(x), _ptr(R), R.shape[2], m, _ptr(G),
+                                 _ptr(H), _threads())
     return G, H
 
 
 def folded_eval(x: torch.Tensor, coef, scale: torch.Tensor, offset: torch.Tensor,
                 shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Eval output from folded constants (E-step and mixing in one pass), in x's layout."""
-    w1, w2, const = (_small(t, x) for t in coef)
-    scale, offset = _small(scale, x), _small(offset, x)
-    shift = _shift(shift, x)
+    w1, w2, const, scale, offset, shift = (_small(t, x) for t in (*coef, scale, offset, shift))
     out = torch.empty_like(x)
-    _fn('eval', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const),
-                         ctypes.c_int64(w1.shape[0]), _ptr(scale), _ptr(offset), _ptr(out), _threads())
+    _fn('eval', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), w1.shape[0],
+                         _ptr(scale), _ptr(offset), _ptr(out), _threads())
     return out
