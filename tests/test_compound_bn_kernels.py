@@ -116,6 +116,47 @@ def test_native_kernel_matches_gemm_for_every_number_of_components(m):
                 torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('temperature', [1.0, 5.0])
+@pytest.mark.parametrize('combine', ['posterior', 'mn'])
+def test_native_fold_equals_the_torch_fold_in_float64(temperature, combine):
+    """Eval constants: one native call (a module in eval without gradients) against fold_running's torch ops."""
+    x, prior, mean, var, weight, bias, _ = _case(7)
+    ref = cbf.fold_running(prior, mean, var, weight, bias, 1e-5, temperature, combine)
+    got = cbf.fold_running(prior, mean, var, weight, bias, 1e-5, temperature, combine, 'native', x)
+    for name, a, b in zip(cbf.FoldedEval._fields, ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_native_running_update_equals_the_torch_update(monkeypatch):
+    """CompoundBatchNorm2d's EMA of prior, mean and variance, counters and last counts: native call
+    against the torch ops ('gemm' layer), float64, over batches that include a split-path step (prior
+    kept), an inactive component and a batch with an inf (nothing but num_batches_skipped changes)."""
+    from lt_zoo.layers import compound_bn_native
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d, split_norm
+    calls, update = [], compound_bn_native.running_update
+    monkeypatch.setattr(compound_bn_native, 'running_update', lambda *a, **k: calls.append(update(*a, **k)) or calls[-1])
+    torch.manual_seed(0)
+    layers = {k: CompoundBatchNorm2d(5, 3, momentum=0.3).double() for k in ('native', 'gemm')}
+    layers['gemm'].load_state_dict(layers['native'].state_dict())
+    for name, layer in layers.items():
+        layer.kernel = name
+    batches = [torch.randn(4, 5, 3, 3, dtype=torch.float64) * s + o for s, o in ((1, 0), (2, 3), (1, -1))]
+    batches.append(batches[0].clone().index_put_((torch.tensor([0]),), torch.tensor(float('inf'), dtype=torch.float64)))
+    for x in batches:
+        for layer in layers.values():
+            layer(x)
+    targets = torch.tensor([0, 0, 0, 0])  # one group: two components see no image (inactive)
+    for layer in layers.values():
+        with split_norm(layer, targets, num_classes=3):
+            layer(batches[1])
+    assert calls == [True] * 5  # the native layer's five updates ran natively, the gemm layer's in torch
+    assert layers['native'].running_mean._version == 5  # each update counts as an in-place write
+    a, b = dict(layers['native'].named_buffers()), dict(layers['gemm'].named_buffers())
+    assert int(a['num_batches_skipped']) == 1 and int(a['num_batches_tracked']) == 4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
 def test_native_kernel_splits_the_batch_over_threads_without_changing_the_result():
     """One slice of images per torch thread: the same outputs, gradients and statistics as one thread."""
     threads = torch.get_num_threads()

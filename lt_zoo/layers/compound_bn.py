@@ -36,6 +36,7 @@ import torch.nn as nn
 from timm.layers import register_notrace_module
 
 from . import compound_bn_functional as cbf
+from . import compound_bn_native as cbn_native
 
 __all__ = ['CompoundBatchNorm2d', 'CBN_OPTIONS', 'split_norm', 'frozen_running_stats', 'convert_bn_to_cbn', 'symmetry_directions',
            'cbn_statistics', 'format_cbn_statistics']
@@ -336,7 +337,7 @@ class CompoundBatchNorm2d(nn.Module):
         with torch.no_grad():
             folded = cbf.fold_running(self.running_prior.to(cdt), self.running_mean.to(cdt),
                                       self.running_var.to(cdt), self.weight, self.bias, self.eps,
-                                      self._temperature(), self.combine)
+                                      self._temperature(), self.combine, self.kernel, x if x.dtype == cdt else None)
         self._eval_cache = (tensors, stamp, options, folded)
         return folded
 
@@ -352,6 +353,12 @@ class CompoundBatchNorm2d(nn.Module):
 
         Masked with torch.where (no host sync, compile-friendly): a non-finite batch changes nothing.
         """
+        if (self.kernel in ('auto', 'native') and stats.counts.device.type == 'cpu'
+                and not torch.compiler.is_compiling() and cbn_native.available()
+                and cbn_native.running_update(self.running_prior, self.running_mean, self.running_var,
+                                              self.last_counts, self.num_batches_tracked, self.num_batches_skipped,
+                                              stats, self.momentum, cbf.MIN_COUNT, update_prior)):
+            return  # one native call (the same formulas, below) instead of ~40 small torch ops
         m, ok = self.momentum, stats.finite
         counts = stats.counts
         active = (counts > cbf.MIN_COUNT) & ok

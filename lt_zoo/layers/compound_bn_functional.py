@@ -263,8 +263,12 @@ def _mn_weights(prior) -> torch.Tensor:
     return prior.clamp_min(torch.finfo(prior.dtype).tiny).rsqrt()
 
 
-def fold_running(prior, mean, var, weight, bias, eps: float, temperature: float, combine: str) -> FoldedEval:
-    """Eval constants from the running state (compute dtype): shift, E-step coefficients, scale, offset."""
+def fold_running(prior, mean, var, weight, bias, eps: float, temperature: float, combine: str,
+                 kernel: str = 'gemm', like: Optional[torch.Tensor] = None) -> FoldedEval:
+    """Eval constants from the running state (compute dtype): shift, E-step coefficients, scale, offset.
+    With a native ``kernel`` and the map ``like`` it takes, one native call computes them (no autograd)."""
+    if like is not None and not _needs_graph(weight, bias) and kernel in ('auto', 'native') and _use_native(kernel, like):
+        return FoldedEval(*_native.fold(prior, mean, var, weight, bias, eps, temperature, combine == 'mn', like))
     shift = (prior / prior.sum()) @ mean
     mean_rel = mean - shift
     w1, w2, const = estep_coefficients(prior, mean_rel, var, eps, temperature)
@@ -331,8 +335,16 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
     X = None if pointwise or native else xc4.flatten(2)
     X2 = sq4 = None
     if native:
-        coef = estep_coefficients(prior, mean_rel, var, eps, temperature) if groups is None else None
+        coef = _native.coefficients(prior, mean_rel, var, eps, temperature, xc4) if groups is None else None
         R, sums = _native.estep_moments(xc4, prior.shape[0], coef, groups, shift)
+        if sync:
+            sums = _all_reduce(sums)
+        counts, n_eff, safe, mask, finite, bmean, bvar, scale, offset, inv, mean_used = _native.batch_affine(
+            sums, prior, mean_rel, var, weight, bias, eps, MIN_COUNT, use_batch, combine == 'mn' and groups is None)
+        stats = BatchStats(counts, n_eff, bmean, bvar, finite > 0)
+        cw = _mn_weights(counts / counts.sum() if use_batch else prior) if combine == 'mn' and groups is None else None
+        y4 = _native.combine(xc4, None, R, scale, None, offset, shift)
+        return y4, stats, (R, cw, inv, mean_used, safe, mask if use_batch else None)
     elif pointwise:
         if groups is None:
             with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -347,7 +359,7 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
             R = _posteriors(X, X2, estep_coefficients(prior, mean_rel, var, eps, temperature))
     else:  # split path: the one-hot group of each image
         R = F.one_hot(groups, prior.shape[0]).to(X.dtype).unsqueeze(2)
-    if not pointwise and not native:
+    if not pointwise:
         sums = _batch_sums(R, X, X2)
     if sync:
         sums = _all_reduce(sums)
@@ -367,8 +379,6 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
     scale, offset, inv = _affine(weight, bias, mean_rel, var, eps, cw)
     if pointwise:
         return _pointwise_mix(R, scale, offset, xc4), stats, None
-    if native:
-        return _native.combine(xc4, None, R, scale, None, offset, shift), stats, (R, cw, inv, mean_rel, safe, mask)
     graph = _needs_graph(xc4, scale, offset)
     if sq4 is None and not graph:
         sq4 = torch.empty_like(xc4)
@@ -397,13 +407,23 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
         ctx.sync, ctx.native, ctx.shift = sync, native, shift
         ctx.save_for_backward(xc4, R, cw, weight, inv, mean_used, safe, mask)
         ctx.mark_non_differentiable(*stats)
+        ctx.set_materialize_grads(False)  # the statistics have no gradient: no zero tensors made for them
         return (y4,) + tuple(stats)
 
     @staticmethod
     def backward(ctx, gy, *unused):
         xc4, R, cw, weight, inv, mean, safe, mask = ctx.saved_tensors
+        if gy is None:  # the output did not reach the loss (gradients are not materialised)
+            return (None,) * 13
         if ctx.native:
             gk, hk = _native.grad_moments(xc4, gy, R, ctx.shift)
+            if not ctx.sync:
+                dweight, dbias, u, wa, v = _native.backward_coefficients(gk, hk, cw, mean, inv, weight, safe, mask)
+                dx = _native.combine(xc4, gy, R, u, wa, v, ctx.shift) if ctx.needs_input_grad[0] else None
+                dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+                dbias = dbias.to(weight.dtype) if ctx.needs_input_grad[2] else None
+                return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
+            mask = mask > 0  # the native forward's mask is 1/0 in the map's dtype
         else:
             X, G = xc4.flatten(2), gy.flatten(2)
             cl = _channels_fastest(X)
@@ -467,8 +487,9 @@ def compound_batch_norm(
     cdt = compute_dtype(x)
     prior, mean, var = running_prior.to(cdt), running_mean.to(cdt), running_var.to(cdt)
     if not training:
-        return compound_norm_eval(x, fold_running(prior, mean, var, weight, bias, eps, temperature, combine),
-                                  responsibility_grad, kernel), None
+        folded = fold_running(prior, mean, var, weight, bias, eps, temperature, combine, kernel,
+                              x if x.dtype == cdt and not _pointwise(kernel) else None)
+        return compound_norm_eval(x, folded, responsibility_grad, kernel), None
     shift = batch_shift(x, sync)
     use_batch = train_stats == 'batch'
     if _pointwise(kernel):  # autograd (or AOTAutograd) differentiates the graph; r is detached inside

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
-           'tile_positions']
+           'tile_positions', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update']
 
 _SRC = Path(__file__).with_name('csrc') / 'compound_bn_cpu.cpp'
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the sums over a tile; it
@@ -125,8 +125,14 @@ _SIGNATURES = {
     'grad_moments': 'PPPIIIiPIIPPi',
     'eval': 'PPIIIiPPPIPPPi',
     'tile_positions': '',
+    'coefficients': 'PPPIISSPPP',
+    'fold': 'PPPPPIISSiP',
+    'batch_affine': 'PPPPPPIISSiiP',
+    'backward_coefficients': 'PPPPPPPPIIP',
+    'running_update': 'PPPPPPPPPPPIISSi',
 }
 _CTYPES = {'P': ctypes.c_void_p, 'I': ctypes.c_int64, 'i': ctypes.c_int}
+_SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}  # 'S': the map's scalar type
 _fns = {}
 
 
@@ -134,7 +140,7 @@ def _fn(name: str, dtype: torch.dtype):
     fn = _fns.get((name, dtype))
     if fn is None:
         fn = getattr(_load(), f'cbn_{name}_{_SUFFIX[dtype]}')
-        fn.argtypes = [_CTYPES[k] for k in _SIGNATURES[name]]
+        fn.argtypes = [_SCALAR[dtype] if k == 'S' else _CTYPES[k] for k in _SIGNATURES[name]]
         fn.restype = ctypes.c_int64 if name == 'tile_positions' else None
         _fns[(name, dtype)] = fn
     return fn
@@ -214,3 +220,70 @@ def folded_eval(x: torch.Tensor, coef, scale: torch.Tensor, offset: torch.Tensor
     _fn('eval', x.dtype)(_ptr(x), _ptr(shift), *_dims(x), _ptr(w1), _ptr(w2), _ptr(const), w1.shape[0],
                          _ptr(scale), _ptr(offset), _ptr(out), _threads())
     return out
+
+
+# The (M, C) statistics around the passes, one call each instead of ~130 small torch ops per layer and
+# step (compound_bn_functional and CompoundBatchNorm2d keep the torch formulas for the other kernels;
+# tests/test_compound_bn_kernels.py checks both agree).  Inputs are read in ``like``'s dtype; no autograd.
+def coefficients(prior, mean_rel, var, eps: float, temperature: float, like: torch.Tensor):
+    """E-step coefficients (w1 (M, C), w2 (M, C), const (M,)), as compound_bn_functional.estep_coefficients."""
+    prior, mean_rel, var = (_small(t, like) for t in (prior, mean_rel, var))
+    m, c = mean_rel.shape
+    buf = torch.empty(2 * m * c + m, dtype=like.dtype)
+    w1, w2, const = buf.split([m * c, m * c, m])
+    _fn('coefficients', like.dtype)(_ptr(prior), _ptr(mean_rel), _ptr(var), m, c, eps, temperature, _ptr(w1),
+                                    _ptr(w2), _ptr(const))
+    return w1.view(m, c), w2.view(m, c), const
+
+
+def fold(prior, mean, var, weight, bias, eps: float, temperature: float, mn: bool, like: torch.Tensor):
+    """(shift (C,), w1, w2, const, scale, offset) of compound_bn_functional.fold_running."""
+    prior, mean, var, weight, bias = (_small(t, like) for t in (prior, mean, var, weight, bias))
+    m, c = mean.shape
+    buf = torch.empty(c + 4 * m * c + m, dtype=like.dtype)
+    _fn('fold', like.dtype)(_ptr(prior), _ptr(mean), _ptr(var), _ptr(weight), _ptr(bias), m, c, eps, temperature,
+                            int(mn), _ptr(buf))
+    shift, w1, w2, const, scale, offset = buf.split([c, m * c, m * c, m, m * c, m * c])
+    return shift, w1.view(m, c), w2.view(m, c), const, scale.view(m, c), offset.view(m, c)
+
+
+def batch_affine(sums, prior, mean_rel, var, weight, bias, eps: float, min_count: float, use_batch: bool, mn: bool):
+    """Statistics of a training forward from the batch sums (M, 2 + 2C), as _train_forward computes them:
+    (counts, n_eff, safe (M, 1), mask (M, 1) 1/0, finite (), bmean, bvar, scale, offset, inv, mean_used)."""
+    prior, mean_rel, var, weight, bias = (_small(t, sums) for t in (prior, mean_rel, var, weight, bias))
+    m, c = mean_rel.shape
+    buf = torch.empty(4 * m + 1 + 6 * m * c, dtype=sums.dtype)
+    _fn('batch_affine', sums.dtype)(_ptr(_small(sums, sums)), _ptr(prior), _ptr(mean_rel), _ptr(var), _ptr(weight),
+                                    _ptr(bias), m, c, eps, min_count, int(use_batch), int(mn), _ptr(buf))
+    counts, n_eff, safe, mask, finite, *mc = buf.split([m, m, m, m, 1] + [m * c] * 6)
+    return (counts, n_eff, safe.view(m, 1), mask.view(m, 1), finite.view(()), *(t.view(m, c) for t in mc))
+
+
+def backward_coefficients(G, H, cw, mean, inv, weight, safe, mask):
+    """(dweight, dbias, U, W A, V) of _ConstantAssignmentNorm.backward from G, H (M, C), not under DDP."""
+    cw, mean, inv, weight, safe, mask = (_small(t, G) for t in (cw, mean, inv, weight, safe, mask))
+    m, c = G.shape
+    buf = torch.empty(5 * m * c, dtype=G.dtype)
+    _fn('backward_coefficients', G.dtype)(_ptr(_small(G, G)), _ptr(_small(H, G)), _ptr(cw), _ptr(mean), _ptr(inv),
+                                          _ptr(weight), _ptr(safe), _ptr(mask), m, c, _ptr(buf))
+    return tuple(t.view(m, c) for t in buf.split([m * c] * 5))
+
+
+def running_update(prior, mean, var, last_counts, tracked, skipped, stats, momentum: float, min_count: float,
+                   update_prior: bool) -> bool:
+    """CompoundBatchNorm2d._update_running in place, when every buffer is contiguous in the statistics'
+    dtype and the counters are int64; False (nothing done) otherwise."""
+    dt = stats.counts.dtype
+    if (dt not in _SUFFIX or any(t.dtype != dt or not t.is_contiguous() for t in (prior, mean, var, last_counts))
+            or tracked.dtype != torch.int64 or skipped.dtype != torch.int64):
+        return False
+    counts, n_eff, bmean, bvar = (_small(t, stats.counts) for t in stats[:4])
+    finite = stats.finite.to(dt)
+    m, c = mean.shape
+    _fn('running_update', dt)(_ptr(prior), _ptr(mean), _ptr(var), _ptr(last_counts), _ptr(tracked), _ptr(skipped),
+                              _ptr(counts), _ptr(n_eff), _ptr(bmean), _ptr(bvar), _ptr(finite), m, c, momentum,
+                              min_count, int(update_prior))
+    # a write through a raw pointer is invisible to torch: bump the version counters as an in-place op
+    # would (the layer's eval cache, and autograd's check of saved tensors, rely on them)
+    torch.autograd.graph.increment_version((prior, mean, var, last_counts, tracked, skipped))
+    return True

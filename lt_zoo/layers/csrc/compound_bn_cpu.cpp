@@ -17,8 +17,11 @@
 //
 // R is (N, M, L), or (N, M, 1) on the split path (one weight per image).  Sums accumulate in the map's
 // scalar type, in a different order than the GEMM formulation: results agree to rounding.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -407,6 +410,179 @@ void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, c
     }
 }
 
+// ---- (M, C) statistics: what the layer computes between and after the passes, in one call each ----
+// The same formulas as lt_zoo/layers/compound_bn_functional.py (estep_coefficients, fold_running, the
+// statistics of _train_forward, the backward's U and V) and CompoundBatchNorm2d._update_running; there
+// they are ~130 small torch ops per layer and step, which cost more than the passes on small maps.
+
+template <typename S>
+inline S tiny() { return std::numeric_limits<S>::min(); }
+
+// w1 = (mu - s)/var', w2 = -1/(2 var'), const = log pi - (sum log var' + sum (mu - s) w1)/2, all / T;
+// var' = max(var, eps), pi floored at the smallest normal
+template <typename S>
+void coefficients(const S* prior, const S* mean_rel, const S* var, int64_t m, int64_t c, S eps, S temperature,
+                  S* w1, S* w2, S* cst) {
+    for (int64_t k = 0; k < m; ++k) {
+        S logsum = 0, quad = 0;
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const S v = std::max(var[k * c + ch], eps), iv = S(1) / v, a = mean_rel[k * c + ch] * iv;
+            logsum += std::log(v);
+            quad += mean_rel[k * c + ch] * a;
+            w1[k * c + ch] = temperature == S(1) ? a : a / temperature;
+            w2[k * c + ch] = iv * (S(-0.5) / temperature);
+        }
+        const S cs = std::log(std::max(prior[k], tiny<S>())) - S(0.5) * (logsum + quad);
+        cst[k] = temperature == S(1) ? cs : cs / temperature;
+    }
+}
+
+// scale = c_k gamma / sqrt(var + eps), offset = c_k (beta - gamma (mu - s) / sqrt(var + eps)), inv = 1/sqrt(var + eps);
+// c_k = pi_k^-1/2 when mn, else 1
+template <typename S>
+void affine(const S* weight, const S* bias, const S* mean_rel, const S* var, const S* prior, int64_t m, int64_t c,
+            S eps, int mn, S* scale, S* offset, S* inv) {
+    for (int64_t k = 0; k < m; ++k) {
+        const S cw = mn ? S(1) / std::sqrt(std::max(prior[k], tiny<S>())) : S(1);
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const int64_t i = k * c + ch;
+            const S iv = S(1) / std::sqrt(var[i] + eps), sc = weight[i] * iv, off = bias[i] - sc * mean_rel[i];
+            if (inv) inv[i] = iv;
+            scale[i] = mn ? sc * cw : sc;
+            offset[i] = mn ? off * cw : off;
+        }
+    }
+}
+
+// eval constants (FoldedEval): out = [shift C | w1 MC | w2 MC | const M | scale MC | offset MC]
+template <typename S>
+void fold(const S* prior, const S* mean, const S* var, const S* weight, const S* bias, int64_t m, int64_t c, S eps,
+          S temperature, int mn, S* out) {
+    S* shift = out;
+    S* w1 = shift + c;
+    S* w2 = w1 + m * c;
+    S* cst = w2 + m * c;
+    S* scale = cst + m;
+    S* offset = scale + m * c;
+    S total = 0;
+    for (int64_t k = 0; k < m; ++k) total += prior[k];
+    for (int64_t ch = 0; ch < c; ++ch) {
+        S sh = 0;
+        for (int64_t k = 0; k < m; ++k) sh += prior[k] / total * mean[k * c + ch];
+        shift[ch] = sh;
+    }
+    std::vector<S> mean_rel(m * c);
+    for (int64_t k = 0; k < m; ++k)
+        for (int64_t ch = 0; ch < c; ++ch) mean_rel[k * c + ch] = mean[k * c + ch] - shift[ch];
+    coefficients<S>(prior, mean_rel.data(), var, m, c, eps, temperature, w1, w2, cst);
+    affine<S>(weight, bias, mean_rel.data(), var, prior, m, c, eps, mn, scale, offset, nullptr);
+}
+
+// Statistics of a training forward from the batch sums (M, 2 + 2C) (Eq. 7-10) and the output's affine.
+// out = [counts M | n_eff M | safe M | mask M | finite 1 | bmean MC | bvar MC | scale MC | offset MC | inv MC |
+//        mean_used MC]; mask: component active (N_k > min_count), 1/0; finite: every sum finite, 1/0.
+template <typename S>
+void batch_affine(const S* sums, const S* prior, const S* mean_rel, const S* var, const S* weight, const S* bias,
+                  int64_t m, int64_t c, S eps, S min_count, int use_batch, int mn, S* out) {
+    const int64_t width = 2 + 2 * c;
+    S* counts = out;
+    S* n_eff = counts + m;
+    S* safe = n_eff + m;
+    S* mask = safe + m;
+    S* finite = mask + m;
+    S* bmean = finite + 1;
+    S* bvar = bmean + m * c;
+    S* scale = bvar + m * c;
+    S* offset = scale + m * c;
+    S* inv = offset + m * c;
+    S* mean_used = inv + m * c;
+    bool ok = true;
+    S total = 0;
+    for (int64_t i = 0; i < m * width; ++i) ok = ok && std::isfinite(sums[i]);
+    std::vector<S> var_used(m * c), prior_used(m);
+    for (int64_t k = 0; k < m; ++k) {
+        const S* row = sums + k * width;
+        counts[k] = row[0];
+        total += row[0];
+        n_eff[k] = row[0] * row[0] / std::max(row[1], tiny<S>());
+        const bool active = row[0] > min_count;
+        mask[k] = active ? S(1) : S(0);
+        safe[k] = active ? row[0] : S(1);
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const int64_t i = k * c + ch;
+            const S mu = row[2 + ch] / safe[k];
+            bmean[i] = mu;
+            bvar[i] = std::max(row[2 + c + ch] / safe[k] - mu * mu, S(0));
+            const bool batch = use_batch && active;
+            mean_used[i] = batch ? mu : mean_rel[i];
+            var_used[i] = batch ? bvar[i] : var[i];
+        }
+    }
+    *finite = ok ? S(1) : S(0);
+    for (int64_t k = 0; k < m; ++k) prior_used[k] = use_batch ? counts[k] / total : prior[k];
+    affine<S>(weight, bias, mean_used, var_used.data(), prior_used.data(), m, c, eps, mn, scale, offset, inv);
+}
+
+// Backward of _ConstantAssignmentNorm from G = R^T g and H = R^T (g x) (M, C), not under DDP:
+// out = [dweight MC | dbias MC | U MC | W A MC | V MC] (the docstring there gives the formulas)
+template <typename S>
+void backward_coefficients(const S* G, const S* H, const S* cw, const S* mean, const S* inv, const S* weight,
+                           const S* safe, const S* mask, int64_t m, int64_t c, S* out) {
+    S* dweight = out;
+    S* dbias = dweight + m * c;
+    S* u = dbias + m * c;
+    S* wa = u + m * c;
+    S* v = wa + m * c;
+    for (int64_t k = 0; k < m; ++k) {
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const int64_t i = k * c + ch;
+            const S gk = cw ? G[i] * cw[k] : G[i], hk = cw ? H[i] * cw[k] : H[i];
+            const S gdiff = hk - mean[i] * gk, iv = inv[i], scale = weight[i] * iv;
+            dweight[i] = gdiff * iv;
+            dbias[i] = gk;
+            const S ui = mask[k] > S(0) ? -weight[i] * (iv * iv * iv) * gdiff / safe[k] : S(0);
+            u[i] = ui;
+            v[i] = (mask[k] > S(0) ? -scale * gk / safe[k] : S(0)) - ui * mean[i];
+            wa[i] = cw ? scale * cw[k] : scale;
+        }
+    }
+}
+
+// CompoundBatchNorm2d._update_running in place: EMA (momentum) of the prior (if update_prior), and of
+// the mean and unbiased variance of active components; a batch with a non-finite statistic changes
+// nothing but num_batches_skipped.
+template <typename S>
+void running_update(S* prior, S* mean, S* var, S* last_counts, int64_t* tracked, int64_t* skipped,
+                    const S* counts, const S* n_eff, const S* bmean, const S* bvar, const S* finite, int64_t m,
+                    int64_t c, S momentum, S min_count, int update_prior) {
+    const bool ok = *finite > S(0);
+    if (!ok) {
+        ++*skipped;
+        return;
+    }
+    if (update_prior) {
+        S total = 0, ptotal = 0;
+        for (int64_t k = 0; k < m; ++k) total += counts[k];
+        std::vector<S> p(m);
+        for (int64_t k = 0; k < m; ++k) {
+            p[k] = (1 - momentum) * prior[k] + momentum * counts[k] / total;
+            ptotal += p[k];
+        }
+        for (int64_t k = 0; k < m; ++k) prior[k] = p[k] / ptotal;
+    }
+    for (int64_t k = 0; k < m; ++k) {
+        if (!(counts[k] > min_count)) continue;
+        const S unbias = n_eff[k] / (n_eff[k] - 1);
+        for (int64_t ch = 0; ch < c; ++ch) {
+            const int64_t i = k * c + ch;
+            mean[i] = (1 - momentum) * mean[i] + momentum * bmean[i];
+            var[i] = (1 - momentum) * var[i] + momentum * bvar[i] * unbias;
+        }
+    }
+    for (int64_t k = 0; k < m; ++k) last_counts[k] = counts[k];
+    ++*tracked;
+}
+
 // f(std::integral_constant<int, MM>) with MM = m for m in 1..8 (unrolled passes), else MM = 0 (runtime m)
 template <typename F>
 inline void with_components(int64_t m, F&& f) {
@@ -454,7 +630,32 @@ inline void with_components(int64_t m, F&& f) {
             eval<decltype(mm)::value, S>(x, shift, n, c, l, cl, w1, w2, cst, m, scale, offset, out, nt);          \
         });                                                                                                       \
     }                                                                                                             \
-    extern "C" int64_t cbn_tile_positions_##SUF() { return T<S>; }
+    extern "C" int64_t cbn_tile_positions_##SUF() { return T<S>; }                                               \
+    extern "C" void cbn_coefficients_##SUF(const S* prior, const S* mean_rel, const S* var, int64_t m, int64_t c, \
+                                          S eps, S temperature, S* w1, S* w2, S* cst) {                           \
+        coefficients<S>(prior, mean_rel, var, m, c, eps, temperature, w1, w2, cst);                               \
+    }                                                                                                             \
+    extern "C" void cbn_fold_##SUF(const S* prior, const S* mean, const S* var, const S* weight, const S* bias,   \
+                                  int64_t m, int64_t c, S eps, S temperature, int mn, S* out) {                   \
+        fold<S>(prior, mean, var, weight, bias, m, c, eps, temperature, mn, out);                                 \
+    }                                                                                                             \
+    extern "C" void cbn_batch_affine_##SUF(const S* sums, const S* prior, const S* mean_rel, const S* var,        \
+                                          const S* weight, const S* bias, int64_t m, int64_t c, S eps,            \
+                                          S min_count, int use_batch, int mn, S* out) {                           \
+        batch_affine<S>(sums, prior, mean_rel, var, weight, bias, m, c, eps, min_count, use_batch, mn, out);      \
+    }                                                                                                             \
+    extern "C" void cbn_backward_coefficients_##SUF(const S* G, const S* H, const S* cw, const S* mean,           \
+                                                   const S* inv, const S* weight, const S* safe, const S* mask,   \
+                                                   int64_t m, int64_t c, S* out) {                                \
+        backward_coefficients<S>(G, H, cw, mean, inv, weight, safe, mask, m, c, out);                             \
+    }                                                                                                             \
+    extern "C" void cbn_running_update_##SUF(S* prior, S* mean, S* var, S* last_counts, int64_t* tracked,         \
+                                            int64_t* skipped, const S* counts, const S* n_eff, const S* bmean,    \
+                                            const S* bvar, const S* finite, int64_t m, int64_t c, S momentum,     \
+                                            S min_count, int update_prior) {                                      \
+        running_update<S>(prior, mean, var, last_counts, tracked, skipped, counts, n_eff, bmean, bvar, finite, m, \
+                          c, momentum, min_count, update_prior);                                                  \
+    }
 
 LT_ZOO_EXPORT(float, f32)
 LT_ZOO_EXPORT(double, f64)
