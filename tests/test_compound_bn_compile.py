@@ -9,12 +9,16 @@ from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('kernel', ['auto', 'pointwise'], ids=['native_ops', 'pointwise'])
 @pytest.mark.parametrize('channels_last', [False, True])
-def test_compiled_layer_matches_eager_over_training_steps(channels_last):
+def test_compiled_layer_matches_eager_over_training_steps(channels_last, kernel):
+    """'auto' compiles with the native passes as custom ops (CPU), 'pointwise' traces broadcasts and sums
+    (what CUDA, DDP and autograd through r compile); eager runs the native passes."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = CompoundBatchNorm2d(6, 3, combine='mn')
     compiled_layer = copy.deepcopy(eager)
+    compiled_layer.kernel = kernel
     compiled = torch.compile(compiled_layer, fullgraph=True)  # fullgraph: any graph break raises
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for step in range(3):
@@ -53,8 +57,9 @@ def test_gpu_benchmark_refuses_without_cuda_in_one_line():
     assert not os.path.exists(os.path.join(root, 'benchmarks', 'results', 'gpu_speed.json'))
 
 
+@pytest.mark.parametrize('kernel', ['auto', 'pointwise'], ids=['native_ops', 'pointwise'])
 @pytest.mark.parametrize('split', [False, True], ids=['compound', 'split'])
-def test_compiled_layer_called_twice_before_backward_matches_eager(split):
+def test_compiled_layer_called_twice_before_backward_matches_eager(split, kernel):
     """The dual path runs a network several times before one backward.  A compiled graph must not read
     the running state in its backward (the next call updates it in place).  Call 1 has a component
     normalised with running statistics (a 1x1 map: a single vector in group 3 / an unbalanced soft
@@ -65,6 +70,7 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split):
     torch.manual_seed(0)
     eager = CompoundBatchNorm2d(5, 4).train()
     compiled_layer = copy.deepcopy(eager)
+    compiled_layer.kernel = kernel
     compiled = torch.compile(compiled_layer, backend='aot_eager_decomp_partition', fullgraph=True)
     xs = [torch.randn(8, 5, 1, 1) * 2, torch.randn(8, 5, 1, 1) + 1]
     targets = [torch.tensor([0, 1, 2, 3, 4, 5, 0, 9]), torch.tensor([9, 8, 9, 1, 2, 8, 0, 4])]  # group 3: 1, then 3
@@ -86,3 +92,45 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
     for name in ('running_prior', 'running_mean', 'running_var', 'num_batches_tracked'):
         torch.testing.assert_close(getattr(compiled_layer, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
+    """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_native_eval (eval)
+    as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    for kernel, expect in (('auto', True), ('pointwise', False)):
+        torch._dynamo.reset()
+        graphs.clear()
+        layer = CompoundBatchNorm2d(4, 2)
+        layer.kernel = kernel
+        compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+        compiled(torch.randn(3, 4, 5, 5, requires_grad=True)).sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            compiled(torch.randn(3, 4, 5, 5))
+        text = '\n'.join(graphs)
+        assert ('cbn_native_train' in text) == expect and ('cbn_native_eval' in text) == expect, text
+
+
+@pytest.mark.parametrize('groups', [False, True], ids=['compound', 'split'])
+def test_native_custom_ops_pass_torch_library_opcheck(groups):
+    """Fake (meta) shapes, strides and the registered autograd of the custom ops agree with the real ones."""
+    from lt_zoo.layers import compound_bn_ops
+    torch.manual_seed(0)
+    m, c = 3, 4
+    x = torch.randn(5, c, 3, 4, dtype=torch.float64, requires_grad=True)
+    args = (x, x.detach()[:, :, 0, 0].mean(0), torch.full((m,), 1 / m, dtype=torch.float64),
+            0.1 * torch.randn(m, c, dtype=torch.float64), 1 + torch.rand(m, c, dtype=torch.float64),
+            torch.randn(m, c, dtype=torch.float64, requires_grad=True),
+            torch.randn(m, c, dtype=torch.float64, requires_grad=True),
+            torch.tensor([0, 1, 2, 0, 1]) if groups else None, 1e-5, 1.0, 1.0, not groups)
+    torch.library.opcheck(compound_bn_ops._train_op, args)
+    folded = [torch.randn(m, c, dtype=torch.float64), -torch.rand(m, c, dtype=torch.float64),
+              torch.randn(m, dtype=torch.float64), torch.randn(m, c, dtype=torch.float64),
+              torch.randn(m, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)]
+    torch.library.opcheck(compound_bn_ops.eval_forward, (x.detach(), *folded))

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import compound_bn_native as _native
+from . import compound_bn_ops as _ops
 
 __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficients', 'fold_running',
            'compound_norm_eval', 'responsibilities']
@@ -40,9 +41,10 @@ _R_FLOOR = 1e-30
 # 'native': the map-sized steps of 'gemm' as one C++ pass each (compound_bn_native; CPU float32/float64,
 #   built on first use), with the same analytic backward; where a step needs autograd through the map
 #   (responsibility_grad, train_stats='running' with gradients) it uses 'gemm'.
-# 'auto' picks 'pointwise' while torch.compile traces, else 'native' where it is built and takes the map,
-# else 'gemm'.  No trace sees into the C++ passes: under torch.compile 'native' also traces 'pointwise',
-# under torch.jit.trace it runs 'gemm'.
+# 'auto' picks 'native' where it is built and takes the map, else 'gemm'.  While torch.compile traces, 'auto'
+# and 'native' call the native passes as custom ops on CPU (compound_bn_ops: the analytic training forward
+# without DDP, eval without gradients) and trace 'pointwise' elsewhere (CUDA, DDP, autograd through r);
+# under torch.jit.trace they run 'gemm'.
 KERNELS = ('auto', 'gemm', 'pointwise', 'native')
 
 
@@ -69,6 +71,12 @@ class FoldedEval(NamedTuple):
 def _pointwise(kernel: str) -> bool:
     """'pointwise' itself, and what torch.compile traces for 'auto' and 'native' (no trace sees into C++)."""
     return kernel == 'pointwise' or (kernel in ('auto', 'native') and torch.compiler.is_compiling())
+
+
+def _compiled_native(kernel: str, x: torch.Tensor) -> bool:
+    """Under torch.compile on CPU, 'auto' and 'native' call the native passes as custom ops (compound_bn_ops)
+    where they apply: the analytic training forward without DDP, and eval without gradients."""
+    return kernel in ('auto', 'native') and torch.compiler.is_compiling() and _ops.applies(x)
 
 
 def _check_kernel(kernel: str) -> None:
@@ -281,6 +289,8 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
     """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
     GEMM kernel: two map-sized buffers, x - s and (x - s)^2, which then receives the output."""
     _check_kernel(kernel)
+    if _compiled_native(kernel, x) and not _needs_graph(x, f.scale, f.offset, f.w1, f.w2):
+        return _ops.eval_forward(x, f.w1, f.w2, f.const, f.scale, f.offset, f.shift)
     if _pointwise(kernel):
         xc4 = torch.sub(x, f.shift.view(1, -1, 1, 1))
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -492,6 +502,10 @@ def compound_batch_norm(
         return compound_norm_eval(x, folded, responsibility_grad, kernel), None
     shift = batch_shift(x, sync)
     use_batch = train_stats == 'batch'
+    if use_batch and not (responsibility_grad and groups is None) and not sync and _compiled_native(kernel, x):
+        out = _ops.train(x, shift, prior, mean - shift, var, weight, bias, groups, eps, temperature, MIN_COUNT,
+                         combine == 'mn' and groups is None)
+        return out.y, BatchStats(out.counts, out.n_eff, out.mean + shift, out.var, out.finite)
     if _pointwise(kernel):  # autograd (or AOTAutograd) differentiates the graph; r is detached inside
         y4, stats, _ = _train_forward(torch.sub(x, shift.view(1, -1, 1, 1)), weight, bias, prior, mean - shift, var,
                                       groups, eps, temperature, combine, use_batch,

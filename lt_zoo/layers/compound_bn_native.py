@@ -6,7 +6,9 @@ Each map-sized step of the eager layer is one pass over the map here, where the 
 - :func:`estep_moments`: posteriors R (N, M, L) and the sums (M, 2 + 2C) of Eq. 7-10;
 - :func:`combine`: x (R^T A) [+ g (R^T B)] + R^T D, the output and the input gradient;
 - :func:`grad_moments`: R^T g and R^T (g x), the sums of the analytic backward;
-- :func:`folded_eval`: E-step and output in one pass.
+- :func:`folded_eval`: E-step and output in one pass;
+- :func:`coefficients`, :func:`batch_affine`, :func:`backward_coefficients`, :func:`fold`,
+  :func:`running_update`: the (M, C) statistics around the passes, one call each.
 
 The library needs only a C++ compiler (no torch headers, no ninja): ``$CXX`` or ``c++``, with
 ``-O3 -march=native``.  It is cached under ``$LT_ZOO_KERNEL_CACHE`` (default
