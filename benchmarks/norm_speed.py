@@ -46,6 +46,12 @@ def build_models(mode: str, num_classes=10):
         'nbn': timm.create_model('resnet32_nbn', num_classes=num_classes),
         'cbn_m4': timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=4),
     }
+    if mode == 'compiled':
+        # the same CBN network traced as broadcasts and sums (what CUDA compiles), beside the native custom ops
+        models['cbn_m4_pointwise'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=4)
+        for m in models['cbn_m4_pointwise'].modules():
+            if isinstance(m, CompoundBatchNorm2d):
+                m.kernel = 'pointwise'
     if mode == 'eager':
         models['cbn_m2'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=2)
         # the same CBN network on the GEMM formulation: what the native C++ kernel gains, round-robin
@@ -240,11 +246,13 @@ NOTES = [
     'without a C++ compiler), timed in the same round-robin.',
     'The GEMM formulation makes ~12 passes over the P x C map in forward and ~13 in backward, against ~3 + '
     '~4 for BN; its expansions are GEMMs with inner dimension K = M = 4, which MKL runs at about a third of '
-    'the speed of an elementwise pass.  The native passes do BN\'s memory traffic plus O(M C) flops per '
-    'vector; what remains above BN is those flops and ~40 small (M, C) torch ops per layer and step '
-    '(statistics, running updates), about 10-20 us each.',
-    'torch.compile traces the pointwise formulation instead (no trace sees into C++); its costs are in '
-    'benchmarks/results/cbn_kernel_speed.md and cbn_compiled_block.md.',
+    'the speed of an elementwise pass, and its (M, C) statistics are ~130 small torch ops per layer and '
+    'step.  The native passes do BN\'s memory traffic plus O(M C) flops per vector, and the statistics '
+    'are one C++ call each.',
+    'Compiled, `cbn_m4` calls the native passes as torch.library custom ops on CPU '
+    '(lt_zoo/layers/compound_bn_ops.py); `cbn_m4_pointwise` is the same network traced as broadcasts and '
+    'sums, what CUDA compiles (costs per layer in benchmarks/results/cbn_kernel_speed.md and '
+    'cbn_compiled_block.md).',
 ]
 
 

@@ -358,7 +358,7 @@ class CompoundBatchNorm2d(nn.Module):
                 and cbn_native.running_update(self.running_prior, self.running_mean, self.running_var,
                                               self.last_counts, self.num_batches_tracked, self.num_batches_skipped,
                                               stats, self.momentum, cbf.MIN_COUNT, update_prior)):
-            return  # one native call (the same formulas, below) instead of ~40 small torch ops
+            return  # one native call (the same formulas as below) instead of ~40 small torch ops
         m, ok = self.momentum, stats.finite
         counts = stats.counts
         active = (counts > cbf.MIN_COUNT) & ok

@@ -37,6 +37,12 @@ def applies(x: Tensor) -> bool:
     return x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and _built()
 
 
+# Inductor may store activations channels_last behind the trace (layout optimisation); a custom op is
+# by default handed the strides dynamo traced, which costs a copy of the map in and out of every layer.
+# The passes take either layout, and the fake implementations follow the input's, so the layout is free.
+_FLEXIBLE = (torch.Tag.flexible_layout,)
+
+
 def _standard(x: Tensor) -> Tensor:
     return x if _native.supports(x) else x.contiguous()
 
@@ -51,7 +57,7 @@ def _stat_sizes(m: int, c: int):
     return [m, m, m, m, 1] + [m * c] * 6
 
 
-@torch.library.custom_op('lt_zoo::cbn_native_train', mutates_args=())
+@torch.library.custom_op('lt_zoo::cbn_native_train', mutates_args=(), tags=_FLEXIBLE)
 def _train_op(x: Tensor, shift: Tensor, prior: Tensor, mean_rel: Tensor, var: Tensor, weight: Tensor,
               bias: Tensor, groups: Optional[Tensor], eps: float, temperature: float, min_count: float,
               mn: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -74,7 +80,7 @@ def _(x, shift, prior, mean_rel, var, weight, bias, groups, eps, temperature, mi
     return torch.empty_like(x), R, x.new_empty(sum(_stat_sizes(m, c)))
 
 
-@torch.library.custom_op('lt_zoo::cbn_native_train_backward', mutates_args=())
+@torch.library.custom_op('lt_zoo::cbn_native_train_backward', mutates_args=(), tags=_FLEXIBLE)
 def _train_backward_op(x: Tensor, shift: Tensor, gy: Tensor, R: Tensor, cw: Optional[Tensor], weight: Tensor,
                        inv: Tensor, mean_used: Tensor, safe: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     xs = _standard(x)
@@ -140,7 +146,7 @@ def train(x: Tensor, shift: Tensor, prior: Tensor, mean_rel: Tensor, var: Tensor
     return TrainOut(y, counts, n_eff, bmean, bvar, finite > 0)
 
 
-@torch.library.custom_op('lt_zoo::cbn_native_eval', mutates_args=())
+@torch.library.custom_op('lt_zoo::cbn_native_eval', mutates_args=(), tags=_FLEXIBLE)
 def eval_forward(x: Tensor, w1: Tensor, w2: Tensor, const: Tensor, scale: Tensor, offset: Tensor,
                  shift: Tensor) -> Tensor:
     """Eval output from folded constants (compound_bn_functional.FoldedEval) on the raw map; no gradient."""
