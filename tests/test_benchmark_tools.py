@@ -176,3 +176,38 @@ def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with
     cbn = {t['target']: t for t in bench.write_targets(rows)}['best CBN row >= bs_aa + 2.0 points']
     assert cbn['rows'] == ['cbn_m2', 'bs_aa'] and cbn['verdict'].startswith('pending')
     assert json.loads((tmp_path / bench.RESULTS / 'targets.json').read_text())['targets'][0]['rows'] == cbn['rows']
+
+
+def test_plateau_target_judges_the_budget_gain_and_keeps_the_within_run_gain_apart(tmp_path, monkeypatch):
+    bench = _load('fmnist_lt')
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    (tmp_path / bench.RESULTS).mkdir(parents=True)
+    empty = dict(mean=None, seeds=[], last_fifth_gain=None)
+    rows = {r: dict(empty) for r in bench.RUNS}
+    rows['ce'] = dict(empty, mean=0.800, seeds=[0, 1, 2], last_fifth_gain=0.009)
+    rows['ce_e31'] = dict(empty, mean=0.803, seeds=[0, 1, 2])
+    rows['balanced_softmax'] = dict(empty, mean=0.870, seeds=[0, 1, 2])
+    rows['bs_e31'] = dict(empty, mean=0.880, seeds=[0, 1])
+    targets = {t['target']: t for t in bench.write_targets(rows)}
+    ce = targets['ce plateaus: 31 epochs add < 0.5 points over 25']
+    assert ce['rows'] == ['ce', 'ce_e31'] and ce['verdict'] == 'met' and ce['value'] == pytest.approx(0.003)
+    within = [t for t in targets.values() if t['target'].startswith('ce, within one run')]
+    assert len(within) == 1 and within[0]['verdict'] == 'missed' and within[0]['value'] == pytest.approx(0.009)
+    bs = targets['balanced_softmax plateaus: 31 epochs add < 0.5 points over 25']
+    assert bs['verdict'].startswith('pending') and bs['value'] == pytest.approx(0.01)
+    assert bench.RUNS['ce_e31'][2] == {'epochs': 31} and round(0.8 * 31.25) == bench.PROTOCOL_EPOCHS
+
+
+def test_a_stage2_pair_retrains_its_stage1_when_the_run_directory_has_no_model(tmp_path, monkeypatch):
+    import argparse
+    bench = _load('fmnist_lt')
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    args = argparse.Namespace(runs='runs', eval_every=None, compile=False)
+    fps = {('fsa', 1): 'x', ('gcl_crt', 2): 'y', ('ce', 2): 'z'}
+    done = tmp_path / 'runs' / 'gcl' / 'seed2'
+    done.mkdir(parents=True)
+    (done / 'model.safetensors').write_bytes(b'')
+    todo = bench.with_missing_stage1(args, [('ce', 2), ('fsa', 1), ('gcl_crt', 2), ('fsa', 2)], fps)
+    # fsa seed 1 has no ce run: ce seed 1 is trained right before it; gcl seed 2 is finished; ce seed 2 is queued
+    assert todo == [('ce', 2), ('ce', 1), ('fsa', 1), ('gcl_crt', 2), ('fsa', 2)]
+    assert fps[('ce', 1)] == bench.fingerprint(bench.resolved_config('ce', 1, args))

@@ -323,7 +323,9 @@ class CompoundBatchNorm2d(nn.Module):
         if (torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad))):
             return None
-        tensors = (self.running_prior, self.running_mean, self.running_var, self.weight, self.bias)
+        buffers, params = self._buffers, self._parameters
+        tensors = (buffers['running_prior'], buffers['running_mean'], buffers['running_var'], params['weight'],
+                   params['bias'])
         try:  # the version counter moves with every in-place write (optimizer step, load_state_dict)
             stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         except RuntimeError:  # inference tensors have no version counter
@@ -334,11 +336,13 @@ class CompoundBatchNorm2d(nn.Module):
                 and all(a is b for a, b in zip(cache[0], tensors))):
             return cache[3]
         cdt = options[0]
+        prior, mean, var = (t if t.dtype == cdt else t.to(cdt) for t in tensors[:3])
+        # this refresh runs after every training step that precedes an eval, once per layer: each small
+        # cost below is paid ~30 times per network evaluation
         with torch.no_grad():
-            folded = cbf.fold_running(self.running_prior.to(cdt), self.running_mean.to(cdt),
-                                      self.running_var.to(cdt), self.weight, self.bias, self.eps,
-                                      self._temperature(), self.combine, self.kernel, x if x.dtype == cdt else None)
-        self._eval_cache = (tensors, stamp, options, folded)
+            folded = cbf.fold_running(prior, mean, var, tensors[3], tensors[4], self.eps, self._temperature(),
+                                      self.combine, self.kernel, x if x.dtype == cdt else None)
+        self.__dict__['_eval_cache'] = (tensors, stamp, options, folded)  # a plain attribute: skip Module.__setattr__
         return folded
 
     def responsibilities(self, x: torch.Tensor) -> torch.Tensor:

@@ -300,7 +300,8 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
     xc4, pass_shift, native = _native_or_shifted(kernel, x, f.shift,
                                                  allowed=not _needs_graph(x, f.scale, f.offset, f.w1, f.w2))
     if native:
-        return _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset, pass_shift).to(x.dtype)
+        out = _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset, pass_shift)
+        return out if out.dtype == x.dtype else out.to(x.dtype)  # .to costs a dispatch even when a no-op
     with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
         sq4 = xc4 * xc4
         R = _posteriors(xc4.flatten(2), sq4.flatten(2), (f.w1, f.w2, f.const))

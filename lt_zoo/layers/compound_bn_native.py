@@ -232,7 +232,7 @@ def coefficients(prior, mean_rel, var, eps: float, temperature: float, like: tor
     prior, mean_rel, var = (_small(t, like) for t in (prior, mean_rel, var))
     m, c = mean_rel.shape
     buf = torch.empty(2 * m * c + m, dtype=like.dtype)
-    w1, w2, const = buf.split([m * c, m * c, m])
+    w1, w2, const = buf.split_with_sizes([m * c, m * c, m])
     _fn('coefficients', like.dtype)(_ptr(prior), _ptr(mean_rel), _ptr(var), m, c, eps, temperature, _ptr(w1),
                                     _ptr(w2), _ptr(const))
     return w1.view(m, c), w2.view(m, c), const
@@ -245,7 +245,7 @@ def fold(prior, mean, var, weight, bias, eps: float, temperature: float, mn: boo
     buf = torch.empty(c + 4 * m * c + m, dtype=like.dtype)
     _fn('fold', like.dtype)(_ptr(prior), _ptr(mean), _ptr(var), _ptr(weight), _ptr(bias), m, c, eps, temperature,
                             int(mn), _ptr(buf))
-    shift, w1, w2, const, scale, offset = buf.split([c, m * c, m * c, m, m * c, m * c])
+    shift, w1, w2, const, scale, offset = buf.split_with_sizes([c, m * c, m * c, m, m * c, m * c])
     return shift, w1.view(m, c), w2.view(m, c), const, scale.view(m, c), offset.view(m, c)
 
 
@@ -257,7 +257,7 @@ def batch_affine(sums, prior, mean_rel, var, weight, bias, eps: float, min_count
     buf = torch.empty(4 * m + 1 + 6 * m * c, dtype=sums.dtype)
     _fn('batch_affine', sums.dtype)(_ptr(_small(sums, sums)), _ptr(prior), _ptr(mean_rel), _ptr(var), _ptr(weight),
                                     _ptr(bias), m, c, eps, min_count, int(use_batch), int(mn), _ptr(buf))
-    counts, n_eff, safe, mask, finite, *mc = buf.split([m, m, m, m, 1] + [m * c] * 6)
+    counts, n_eff, safe, mask, finite, *mc = buf.split_with_sizes([m, m, m, m, 1] + [m * c] * 6)
     return (counts, n_eff, safe.view(m, 1), mask.view(m, 1), finite.view(()), *(t.view(m, c) for t in mc))
 
 
@@ -268,7 +268,7 @@ def backward_coefficients(G, H, cw, mean, inv, weight, safe, mask):
     buf = torch.empty(5 * m * c, dtype=G.dtype)
     _fn('backward_coefficients', G.dtype)(_ptr(_small(G, G)), _ptr(_small(H, G)), _ptr(cw), _ptr(mean), _ptr(inv),
                                           _ptr(weight), _ptr(safe), _ptr(mask), m, c, _ptr(buf))
-    return tuple(t.view(m, c) for t in buf.split([m * c] * 5))
+    return tuple(t.view(m, c) for t in buf.split_with_sizes([m * c] * 5))
 
 
 def running_update(prior, mean, var, last_counts, tracked, skipped, stats, momentum: float, min_count: float,
