@@ -679,3 +679,26 @@ def test_render_all_passes_each_tag_its_benchmark_row():
             assert row is None, tag
         else:
             assert row == dict(want, table='benchmarks/results/fmnist_lt.md', command=table['meta']['command']), tag
+
+
+def test_refreshing_the_benchmark_section_rewrites_that_section_only(seed1_run, tmp_path):
+    from lt_zoo.hub.card import refresh_benchmark_section
+    whole, without = _card(seed1_run, benchmark=BENCH_ROW), _card(seed1_run)
+    card = tmp_path / 'card.md'
+    card.write_text(without)  # rendered while the row had no finished seed: the section is inserted
+    assert refresh_benchmark_section(str(card), BENCH_ROW, 1, 0.8129, 'record') is True
+    assert card.read_text() == whole
+    assert refresh_benchmark_section(str(card), BENCH_ROW, 1, 0.8129, 'record') is False  # unchanged
+    four = dict(BENCH_ROW, seeds=[0, 1, 2, 3], balanced_acc_per_seed=[0.81234, 0.8129, 0.79871, 0.8], mean=0.8061,
+                std=0.0069)
+    assert refresh_benchmark_section(str(card), four, 1, 0.8129, 'record') is True
+    text = card.read_text()
+    assert '| seeds | 4 (0, 1, 2, 3) |\n| balanced accuracy %, mean ± std over seeds | 80.61 ± 0.69 |' in text
+    assert text.replace(text[text.index('## Benchmark across seeds'):text.index('## Usage')], '') == \
+        whole.replace(BENCH_SECTION, '## Usage\n')  # nothing else moved
+    with pytest.raises(ValueError, match=r"run 'record' has balanced accuracy 0\.7, but benchmark row 'cbn'"):
+        refresh_benchmark_section(str(card), four, 1, 0.7, 'record')
+    assert card.read_text() == text  # a refusal writes nothing
+    card.write_text('# no sections\n')
+    with pytest.raises(ValueError, match="render it whole"):
+        refresh_benchmark_section(str(card), four, 1, 0.8129, 'record')

@@ -203,6 +203,10 @@ def _benchmark_context(benchmark: Optional[Dict[str, Any]], record) -> Optional[
     """
     if benchmark is None:
         return None
+    return _across_seeds(benchmark, record.train_config.get('seed'), record.eval['balanced_acc'], str(record.path))
+
+
+def _across_seeds(benchmark: Dict[str, Any], seed, run_value: float, where: str) -> Dict[str, Any]:
     absent = [k for k in ('method', 'seeds', 'balanced_acc_per_seed', 'mean', 'table', 'command')
               if benchmark.get(k) is None]
     if absent:
@@ -212,13 +216,12 @@ def _benchmark_context(benchmark: Optional[Dict[str, Any]], record) -> Optional[
     if not seeds or len(seeds) != len(values):
         raise ValueError(f"benchmark row {row_id!r}: seeds {seeds} and balanced_acc_per_seed {values} do not match "
                          f"one to one")
-    seed = record.train_config.get('seed')
     if seed not in seeds:
-        raise ValueError(f"run {str(record.path)!r} has seed {seed!r}, which is not one of benchmark row {row_id!r}'s "
+        raise ValueError(f"run {where!r} has seed {seed!r}, which is not one of benchmark row {row_id!r}'s "
                          f"seeds {seeds}; the card would show another run's table")
-    run_value, row_value = record.eval['balanced_acc'], values[seeds.index(seed)]
+    row_value = values[seeds.index(seed)]
     if not math.isclose(run_value, row_value, rel_tol=0.0, abs_tol=1e-9):
-        raise ValueError(f"run {str(record.path)!r} has balanced accuracy {run_value}, but benchmark row {row_id!r} "
+        raise ValueError(f"run {where!r} has balanced accuracy {run_value}, but benchmark row {row_id!r} "
                          f"records {row_value} for seed {seed}: the table was made from another run")
     std = benchmark.get('std')
     rows = [('seeds', f"{len(seeds)} ({', '.join(str(s) for s in seeds)})"),
@@ -230,6 +233,52 @@ def _benchmark_context(benchmark: Optional[Dict[str, Any]], record) -> Optional[
     return dict(row=row_id, label=benchmark.get('label'), seed=seed, rows=rows,
                 table=_repo_relative_text(str(benchmark['table'])),
                 command=_repo_relative_text(str(benchmark['command'])))
+
+
+_SECTION_HEADING = '## Benchmark across seeds\n'
+
+
+def benchmark_section(context: Optional[Dict[str, Any]]) -> str:
+    """The card's "Benchmark across seeds" section (markdown ending in a blank line), '' without a row.
+    One function renders it, for a whole card and for :func:`refresh_benchmark_section`."""
+    if context is None:
+        return ''
+    label = f' ("{context["label"]}")' if context.get('label') else ''
+    rows = ''.join(f'| {name} | {value} |\n' for name, value in context['rows'])
+    return (f"{_SECTION_HEADING}\nThis checkpoint is seed {context['seed']} of the benchmark row `{context['row']}`"
+            f"{label}, which trains the same recipe once per seed (balanced test split):\n\n"
+            f"| across seeds | value |\n|---|---|\n{rows}\n"
+            f"From `{context['table']}`, produced by `{context['command']}`.\n\n")
+
+
+def refresh_benchmark_section(card_path: str, benchmark: Dict[str, Any], seed: int, balanced_acc: float,
+                              where: str) -> bool:
+    """Rewrite only the "Benchmark across seeds" section of a rendered card, in place, from ``benchmark``
+    (a row of the seed table); the card's run is seed ``seed`` with ``balanced_acc`` (its eval.json, or the
+    benchmark's committed record of it, named by ``where``).  For a card whose run directory, and so its
+    checkpoint, is not on this machine: every other number of the card comes from that run and stays.
+    Returns whether the file changed."""
+    path = Path(card_path)
+    text = path.read_text()
+    section = benchmark_section(_across_seeds(benchmark, seed, balanced_acc, where))
+    if text.count(_SECTION_HEADING) == 1:
+        start = text.index(_SECTION_HEADING)
+        end = text.find('\n## ', start + len(_SECTION_HEADING))
+        if end < 0:
+            raise ValueError(f"card {card_path!r}: no heading after its benchmark section")
+        new = text[:start] + section + text[end + 1:]
+    elif text.count('\n## Usage\n') == 1:  # a card rendered before its row had a finished seed
+        start = text.index('\n## Usage\n') + 1
+        new = text[:start] + section + text[start:]
+    else:
+        raise ValueError(f"card {card_path!r} has neither one {_SECTION_HEADING.strip()!r} nor one '## Usage' "
+                         f"heading; render it whole (hub_cards/render_all.py)")
+    if new == text:
+        return False
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    return True
 
 
 def _escape(s: Any) -> str:
@@ -281,5 +330,5 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
         long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
         indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,
         has_plot='per_class_accuracy.png' in files, has_metrics='metrics.jsonl' in files,
-        has_training_config='training_config.yaml' in files, benchmark=across_seeds,
+        has_training_config='training_config.yaml' in files, benchmark_section=benchmark_section(across_seeds),
     )
