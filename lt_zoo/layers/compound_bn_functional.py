@@ -275,8 +275,7 @@ def fold_running(prior, mean, var, weight, bias, eps: float, temperature: float,
                  kernel: str = 'gemm', like: Optional[torch.Tensor] = None) -> FoldedEval:
     """Eval constants from the running state (compute dtype): shift, E-step coefficients, scale, offset.
     With a native ``kernel`` and the map ``like`` it takes, one native call computes them (no autograd)."""
-    if (like is not None and not _needs_graph(weight, bias) and kernel in ('auto', 'native')
-            and _use_native(kernel, like)):
+    if like is not None and not _needs_graph(weight, bias) and _use_native(kernel, like):
         return FoldedEval(*_native.fold(prior, mean, var, weight, bias, eps, temperature, combine == 'mn', like))
     shift = (prior / prior.sum()) @ mean
     mean_rel = mean - shift

@@ -10,8 +10,8 @@ break, the convolutions and activations around them still compile, and the compi
   with its backward ``lt_zoo::cbn_native_train_backward``;
 - ``lt_zoo::cbn_native_eval``: the eval forward from folded constants (no gradient).
 
-Each returns fresh tensors (a custom op's outputs may not alias); the (M, C) statistics come back packed
-in one buffer that :func:`train` splits.  The same math as the eager native path, which
+Each returns fresh tensors (a custom op's outputs may not alias); the (M, C) statistics come back as the
+one buffer the native call wrote them into, which :func:`train` splits.  The same math as the eager native path, which
 ``tests/test_compound_bn_compile.py`` compares against.
 """
 from typing import NamedTuple, Optional, Tuple
@@ -65,10 +65,10 @@ def _train_op(x: Tensor, shift: Tensor, prior: Tensor, mean_rel: Tensor, var: Te
     m = prior.shape[0]
     coef = _native.coefficients(prior, mean_rel, var, eps, temperature, xs) if groups is None else None
     R, sums = _native.estep_moments(xs, m, coef, groups, shift)
-    packed = _native.batch_affine(sums, prior, mean_rel, var, weight, bias, eps, min_count, True, mn)
-    scale, offset = packed[7], packed[8]
+    buf = _native.batch_affine(sums, prior, mean_rel, var, weight, bias, eps, min_count, True, mn, packed=True)
+    c = mean_rel.shape[1]
+    scale, offset = (t.view(m, c) for t in buf.split_with_sizes(_stat_sizes(m, c))[7:9])
     y = _native.combine(xs, None, R, scale, None, offset, shift)
-    buf = torch.cat([t.reshape(-1) for t in packed])
     return _layout_of(y, x), R, buf
 
 
@@ -105,7 +105,8 @@ class TrainOut(NamedTuple):
 
 
 def _unpack(buf: Tensor, m: int, c: int):
-    counts, n_eff, safe, mask, finite, bmean, bvar, scale, offset, inv, mean_used = buf.split(_stat_sizes(m, c))
+    counts, n_eff, safe, mask, finite, bmean, bvar, scale, offset, inv, mean_used = buf.split_with_sizes(
+        _stat_sizes(m, c))
     mc = (m, c)
     return (counts, n_eff, safe.view(m, 1), mask.view(m, 1), finite.view(()), bmean.view(mc), bvar.view(mc),
             inv.view(mc), mean_used.view(mc))
