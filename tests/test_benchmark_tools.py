@@ -157,13 +157,22 @@ def test_compiled_block_report_divides_by_bn_of_the_same_cell_and_refuses_bad_si
     assert not list(tmp_path.glob('never*'))
 
 
-def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with_fewer(tmp_path, monkeypatch):
-    import json
+EMPTY_ROW = dict(mean=None, seeds=[], last_fifth_gain=None)
+
+
+@pytest.fixture
+def bench_in_tmp(tmp_path, monkeypatch):
+    """benchmarks/fmnist_lt.py writing its results under tmp_path, and a row per run with no seed."""
     bench = _load('fmnist_lt')
     monkeypatch.setattr(bench, 'ROOT', tmp_path)
     (tmp_path / bench.RESULTS).mkdir(parents=True)
-    empty = dict(mean=None, seeds=[], last_fifth_gain=None)
-    rows = {r: dict(empty) for r in bench.RUNS}
+    return bench, {r: dict(EMPTY_ROW) for r in bench.RUNS}
+
+
+def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with_fewer(bench_in_tmp, tmp_path):
+    import json
+    bench, rows = bench_in_tmp
+    empty = EMPTY_ROW
     rows['bs_aa'] = dict(empty, mean=0.85, seeds=[0, 1, 2])
     rows['bs_aa_cbn'] = dict(empty, mean=0.88, seeds=[0, 1, 2])   # +3.0 over 3 seeds: met
     rows['cbn_m2'] = dict(empty, mean=0.90, seeds=[0])             # better, but one seed: named only
@@ -178,12 +187,9 @@ def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with
     assert json.loads((tmp_path / bench.RESULTS / 'targets.json').read_text())['targets'][0]['rows'] == cbn['rows']
 
 
-def test_plateau_target_judges_the_budget_gain_and_keeps_the_within_run_gain_apart(tmp_path, monkeypatch):
-    bench = _load('fmnist_lt')
-    monkeypatch.setattr(bench, 'ROOT', tmp_path)
-    (tmp_path / bench.RESULTS).mkdir(parents=True)
-    empty = dict(mean=None, seeds=[], last_fifth_gain=None)
-    rows = {r: dict(empty) for r in bench.RUNS}
+def test_plateau_target_judges_the_budget_gain_and_keeps_the_within_run_gain_apart(bench_in_tmp):
+    bench, rows = bench_in_tmp
+    empty = EMPTY_ROW
     rows['ce'] = dict(empty, mean=0.800, seeds=[0, 1, 2], last_fifth_gain=0.009)
     rows['ce_e31'] = dict(empty, mean=0.803, seeds=[0, 1, 2])
     rows['balanced_softmax'] = dict(empty, mean=0.870, seeds=[0, 1, 2])
