@@ -217,3 +217,29 @@ def test_a_stage2_pair_retrains_its_stage1_when_the_run_directory_has_no_model(t
     # fsa seed 1 has no ce run: ce seed 1 is trained right before it; gcl seed 2 is finished; ce seed 2 is queued
     assert todo == [('ce', 2), ('ce', 1), ('fsa', 1), ('gcl_crt', 2), ('fsa', 2)]
     assert fps[('ce', 1)] == bench.fingerprint(bench.resolved_config('ce', 1, args))
+
+
+def test_pass_bound_sums_the_resnet32_layers_and_divides_by_bn_of_the_same_map(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    bound = _load('cbn_pass_bound')
+    cells = [dict(m=None if p == 'bn_forward' else 4, pass_=p, channels=c, side=s, batch=64, elements=64 * c * s * s,
+                  us=float(c) * (1 + i), ns_per_element=0.5 * (1 + i))
+             for c, s, _ in bound.RESNET32_16 for i, p in enumerate(bound.PASSES)]
+    res = dict(command='c', torch='t', cpu='x', threads=1, min_time=0.1, rounds=1, date='d', cells=cells,
+               fixed_us={'bn': dict(train_us=100.0, eval_us=10.0), 'cbn_m4': dict(train_us=300.0, eval_us=20.0)})
+    res['network'] = bound.network_totals(res)
+    # training passes: (3 + 4 + 5 + 6) * (16 * 11 + 32 * 10 + 64 * 10) us; eval: 2 * the same layer sum
+    layer_sum = 16 * 11 + 32 * 10 + 64 * 10
+    assert res['network'] == [dict(m=4, batch=64, train_ms=18 * layer_sum / 1e3, eval_ms=2 * layer_sum / 1e3,
+                                   bn_forward_ms=layer_sum / 1e3)]
+    assert bound.network_totals(res, n=32) == []
+    bound.write_markdown(res, str(tmp_path / 'r.md'))
+    text = (tmp_path / 'r.md').read_text()
+    assert '| 4 | estep_moments | 16x16x16 | 1.500 (3.0x) |' in text  # 0.5 * 3 over BN's 0.5
+    assert f"| 4 | {18 * layer_sum / 1e3:.1f} | {2 * layer_sum / 1e3:.1f} | {layer_sum / 1e3:.1f} | 6.2 |" in text
+    with pytest.raises(SystemExit):
+        bound.main(['--components', '0', '--batches', '0', '--out', str(tmp_path / 'never')])
+    err = capsys.readouterr().err
+    assert '--components must be 1..64, got 0' in err and '--batches must be >= 1, got 0' in err
+    assert not list(tmp_path.glob('never*'))
