@@ -455,7 +455,8 @@ def write_targets(rows):
 
 # The README's benchmark table: every row with a record, in this order (ablation and diagnosis rows beside
 # their method), then the targets.  Spliced between the markers below by --update_readme.
-SUMMARY_ORDER = ['ce', 'ce_e31', 'ce_e40', 'ce_e50', 'balanced_softmax', 'bs_e31', 'bs_e40', 'bs_e50', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
+SUMMARY_ORDER = ['ce', 'ce_e31', 'ce_e40', 'ce_e50', 'balanced_softmax', 'bs_e31', 'bs_e40', 'bs_e50', 'bs_aa',
+                 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
                  'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once', 'bs_aa_e50', 'bs_aa_cbn_e50', 'ce_mixup', 'gcl', 'gcl_crt', 'gcl_nomix',
                  'gcl_nomix_crt', 'ldam_drw', 'logit_adjust', 'nbn', 'fsa', 'ce_balanced']
 README_MARKERS = ('<!-- benchmark-summary:start (python benchmarks/fmnist_lt.py --report_only --update_readme) -->',
