@@ -95,8 +95,8 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split, kernel
 
 
 def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
-    """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_native_eval (eval)
-    as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not."""
+    """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_native_eval_running
+    (eval) as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -114,7 +114,7 @@ def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
         with torch.no_grad():
             compiled(torch.randn(3, 4, 5, 5))
         text = '\n'.join(graphs)
-        assert ('cbn_native_train' in text) == expect and ('cbn_native_eval' in text) == expect, text
+        assert ('cbn_native_train' in text) == expect and ('cbn_native_eval_running' in text) == expect, text
 
 
 @pytest.mark.parametrize('groups', [False, True], ids=['compound', 'split'])
@@ -124,7 +124,7 @@ def test_native_custom_ops_pass_torch_library_opcheck(groups):
     torch.manual_seed(0)
     m, c = 3, 4
     x = torch.randn(5, c, 3, 4, dtype=torch.float64, requires_grad=True)
-    args = (x, x.detach()[:, :, 0, 0].mean(0), torch.full((m,), 1 / m, dtype=torch.float64),
+    args = (x, torch.full((m,), 1 / m, dtype=torch.float64),
             0.1 * torch.randn(m, c, dtype=torch.float64), 1 + torch.rand(m, c, dtype=torch.float64),
             torch.randn(m, c, dtype=torch.float64, requires_grad=True),
             torch.randn(m, c, dtype=torch.float64, requires_grad=True),
@@ -134,3 +134,5 @@ def test_native_custom_ops_pass_torch_library_opcheck(groups):
               torch.randn(m, dtype=torch.float64), torch.randn(m, c, dtype=torch.float64),
               torch.randn(m, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)]
     torch.library.opcheck(compound_bn_ops.eval_forward, (x.detach(), *folded))
+    torch.library.opcheck(compound_bn_ops.eval_running, (x.detach(), *args[1:4], args[4].detach(), args[5].detach(),
+                                                         1e-5, 2.0, not groups))

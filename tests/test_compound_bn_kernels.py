@@ -157,6 +157,50 @@ def test_native_running_update_equals_the_torch_update(monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
+def test_native_training_step_is_one_foreign_call_per_direction_and_the_per_pass_route_agrees(monkeypatch):
+    """Without DDP a native training step is one call forward (train_forward) and one backward
+    (train_backward); the per-pass route (what DDP runs, the sums all-reduced between passes) gives the
+    same output, gradients and statistics, float64, both layouts, split path and 'mn' included."""
+    from lt_zoo.layers import compound_bn_native
+    calls = []
+    for name in ('train_forward', 'train_backward', 'estep_moments', 'combine', 'grad_moments'):
+        fn = getattr(compound_bn_native, name)
+        monkeypatch.setattr(compound_bn_native, name, lambda *a, _f=fn, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for cl, groups, combine in ((False, None, 'posterior'), (True, None, 'mn'), (True, torch.tensor([0, 2, 2, 1, 0, 0]),
+                                                                               'posterior')):
+        case = _case(8, channels_last=cl)
+        calls.clear()
+        fused = _run('native', case, True, groups, combine=combine)
+        assert calls == ['train_forward', 'train_backward']
+        x, prior, mean, var, weight, bias, gy = case
+        x, weight, bias = (t.clone().requires_grad_() for t in (x, weight, bias))
+        shift = cbf.batch_shift(x, False)
+        calls.clear()
+        y, *st = cbf._ConstantAssignmentNorm.apply(x, weight, bias, prior, mean - shift, var, groups, 1e-5, 1.0,
+                                                   combine, False, True, shift)
+        per_pass = [y, *torch.autograd.grad(y, (x, weight, bias), gy), st[0], st[1], st[2] + shift, st[3], st[4]]
+        assert calls == ['estep_moments', 'combine', 'grad_moments', 'combine']
+        for name, a, b in zip(('y', 'dx', 'dweight', 'dbias') + cbf.BatchStats._fields, per_pass, fused):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize('train_stats', ['batch', 'running'])
+@pytest.mark.parametrize('combine', ['posterior', 'mn'])
+def test_native_training_forward_without_gradients_equals_gemm(train_stats, combine):
+    """A training forward under no_grad (BN recalibration, a frozen backbone) takes the one-call native path
+    with the batch or the running statistics; output and statistics as the GEMM formulation's."""
+    for cl in (False, True):
+        x, prior, mean, var, weight, bias, _ = _case(9, channels_last=cl)
+        with torch.no_grad():
+            got = cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, 1e-5, combine=combine,
+                                          train_stats=train_stats, kernel='native')
+            ref = cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, 1e-5, combine=combine,
+                                          train_stats=train_stats, kernel='gemm')
+        assert got[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        for a, b in zip((ref[0], *ref[1]), (got[0], *got[1])):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 def test_native_kernel_splits_the_batch_over_threads_without_changing_the_result():
     """One slice of images per torch thread: the same outputs, gradients and statistics as one thread."""
     threads = torch.get_num_threads()

@@ -466,6 +466,33 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
 
 
+class _FusedNativeNorm(torch.autograd.Function):
+    """_ConstantAssignmentNorm (the same math and backward) as one native call per direction, not under
+    DDP: compound_bn_native.train_forward and train_backward.  Outputs: y and the statistics buffer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prior, mean, var, groups, eps, temperature, mn):
+        y, R, buf = _native.train_forward(x, prior, mean, var, weight, bias, groups, eps, temperature, MIN_COUNT,
+                                          True, mn)
+        ctx.mn = mn
+        ctx.save_for_backward(x, R, weight, buf)
+        ctx.mark_non_differentiable(buf)
+        ctx.set_materialize_grads(False)
+        return y, buf
+
+    @staticmethod
+    def backward(ctx, gy, unused):
+        if gy is None:
+            return (None,) * 10
+        x, R, weight, buf = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dwb = _native.train_backward(x, gy, R, weight, buf, ctx.mn, need[0])
+        if dwb.dtype != weight.dtype:
+            dwb = dwb.to(weight.dtype)
+        dweight, dbias = (dwb[0] if need[1] else None), (dwb[1] if need[2] else None)
+        return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
 def batch_shift(x: torch.Tensor, sync: bool) -> torch.Tensor:
     """(C,) detached shift near the batch: the mean of the N vectors at the map's centre.
 
@@ -496,17 +523,30 @@ def compound_batch_norm(
     """
     _check_kernel(kernel)
     cdt = compute_dtype(x)
-    prior, mean, var = running_prior.to(cdt), running_mean.to(cdt), running_var.to(cdt)
+    prior, mean, var = (t if t.dtype == cdt else t.to(cdt) for t in (running_prior, running_mean, running_var))
     if not training:
+        if _compiled_native(kernel, x) and not _needs_graph(x, weight, bias):
+            return _ops.eval_running(x, prior, mean, var, weight, bias, eps, temperature, combine == 'mn'), None
         folded = fold_running(prior, mean, var, weight, bias, eps, temperature, combine, kernel,
                               x if x.dtype == cdt and not _pointwise(kernel) else None)
         return compound_norm_eval(x, folded, responsibility_grad, kernel), None
-    shift = batch_shift(x, sync)
     use_batch = train_stats == 'batch'
+    mn = combine == 'mn' and groups is None
+    if not sync and x.dtype == cdt and not _pointwise(kernel) and _native.supports(x) and _use_native(kernel, x):
+        graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+        if not graph or (use_batch and not (responsibility_grad and groups is None)):
+            # the whole step in one native call per direction (the fixed cost per call dominates small maps)
+            if graph:
+                y, buf = _FusedNativeNorm.apply(x, weight, bias, prior, mean, var, groups, eps, temperature, mn)
+            else:
+                y, _, buf = _native.train_forward(x, prior, mean, var, weight, bias, groups, eps, temperature,
+                                                  MIN_COUNT, use_batch, mn)
+            counts, n_eff, bmean, bvar, finite = _native.batch_statistics(buf, *mean.shape)
+            return y, BatchStats(counts, n_eff, bmean, bvar, finite > 0)
     if use_batch and not (responsibility_grad and groups is None) and not sync and _compiled_native(kernel, x):
-        out = _ops.train(x, shift, prior, mean - shift, var, weight, bias, groups, eps, temperature, MIN_COUNT,
-                         combine == 'mn' and groups is None)
-        return out.y, BatchStats(out.counts, out.n_eff, out.mean + shift, out.var, out.finite)
+        out = _ops.train(x, prior, mean, var, weight, bias, groups, eps, temperature, MIN_COUNT, mn)
+        return out.y, BatchStats(out.counts, out.n_eff, out.mean, out.var, out.finite)
+    shift = batch_shift(x, sync)
     if _pointwise(kernel):  # autograd (or AOTAutograd) differentiates the graph; r is detached inside
         y4, stats, _ = _train_forward(torch.sub(x, shift.view(1, -1, 1, 1)), weight, bias, prior, mean - shift, var,
                                       groups, eps, temperature, combine, use_batch,

@@ -6,9 +6,12 @@ Each map-sized step of the eager layer is one pass over the map here, where the 
 - :func:`estep_moments`: posteriors R (N, M, L) and the sums (M, 2 + 2C) of Eq. 7-10;
 - :func:`combine`: x (R^T A) [+ g (R^T B)] + R^T D, the output and the input gradient;
 - :func:`grad_moments`: R^T g and R^T (g x), the sums of the analytic backward;
-- :func:`folded_eval`: E-step and output in one pass;
+- :func:`folded_eval`: E-step and output in one pass (:func:`eval_running`: with the constants folded
+  from the running state in the same call);
 - :func:`coefficients`, :func:`batch_affine`, :func:`backward_coefficients`, :func:`fold`,
-  :func:`running_update`: the (M, C) statistics around the passes, one call each.
+  :func:`running_update`: the (M, C) statistics around the passes, one call each;
+- :func:`train_forward`, :func:`train_backward`: a whole training step of the layer (not under DDP) as
+  one call per direction, the passes and the statistics between them.
 
 The library needs only a C++ compiler (no torch headers, no ninja): ``$CXX`` or ``c++``, with
 ``-O3 -march=native``.  It is cached under ``$LT_ZOO_KERNEL_CACHE`` (default
@@ -29,12 +32,14 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 __all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
-           'tile_positions', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update']
+           'tile_positions', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update',
+           'train_forward', 'train_backward', 'batch_statistics', 'train_buffer_size',
+           'eval_running']
 
 _SRC = Path(__file__).with_name('csrc') / 'compound_bn_cpu.cpp'
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the sums over a tile; it
@@ -132,6 +137,9 @@ _SIGNATURES = {
     'batch_affine': 'PPPPPPIISSiiP',
     'backward_coefficients': 'PPPPPPPPIIP',
     'running_update': 'PPPPPPPPPPPIISSi',
+    'train_forward': 'PIIIiIPPPPPIPSSSiiPPPi',
+    'train_backward': 'PPIIIiPIIPPiPPi',
+    'eval_running': 'PIIIiPPPPPISSiPi',
 }
 _CTYPES = {'P': ctypes.c_void_p, 'I': ctypes.c_int64, 'i': ctypes.c_int}
 _SCALAR = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}  # 'S': the map's scalar type
@@ -293,3 +301,67 @@ def running_update(prior, mean, var, last_counts, tracked, skipped, stats, momen
     # would (the layer's eval cache, and autograd's check of saved tensors, rely on them)
     torch.autograd.graph.increment_version((prior, mean, var, last_counts, tracked, skipped))
     return True
+
+
+# One call per direction of a training step of the layer (not under DDP: there the batch sums are
+# all-reduced between the passes).  The forward's statistics come back as one buffer.
+# The buffer: batch_affine's [counts M | n_eff M | safe M | mask M | finite 1 | bmean MC | bvar MC | scale MC |
+# offset MC | inv MC | mean_used MC], then [shift C | cw M | mean MC] (csrc: TrainBuffer); bmean and
+# mean_used are relative to the batch shift, mean = bmean + shift.
+def train_buffer_size(m: int, c: int) -> int:
+    """Values in a :func:`train_forward` buffer."""
+    return 4 * m + 1 + 7 * m * c + c + m
+
+
+def batch_statistics(buf: torch.Tensor, m: int, c: int):
+    """(counts (M,), n_eff (M,), mean (M, C), biased var (M, C), finite () 1/0) of a :func:`train_forward`
+    buffer, as views (five, not fourteen: each view is a dispatch, and this runs per layer and step)."""
+    mc = m * c
+    var_at, mean_at = 4 * m + 1 + mc, 4 * m + 1 + 6 * mc + c + m
+    return buf[:m], buf[m:2 * m], buf[mean_at:mean_at + mc].view(m, c), buf[var_at:var_at + mc].view(m, c), buf[4 * m]
+
+
+def train_forward(x: torch.Tensor, prior, mean, var, weight, bias, groups: Optional[torch.Tensor], eps: float,
+                  temperature: float, min_count: float, use_batch: bool, mn: bool):
+    """(y, R, buf) of one training forward of the map x (N, C, H, W) from the running state (prior (M,),
+    mean, var (M, C), absolute coordinates) and the affine parameters (M, C): the batch shift, E-step,
+    sums, statistics (``use_batch``: batch statistics of active components, else running) and the output
+    y in x's layout, in one native call.  ``groups`` (N,): the split path.  buf: see :func:`batch_statistics`."""
+    prior, mean, var, weight, bias = (_small(t, x) for t in (prior, mean, var, weight, bias))
+    n, c, h, w = x.shape
+    m = prior.shape[0]
+    R = torch.empty(n, m, 1 if groups is not None else h * w, dtype=x.dtype)
+    y = torch.empty_like(x)
+    buf = torch.empty(train_buffer_size(m, c), dtype=x.dtype)
+    g = groups if groups is None or (groups.dtype == torch.int64 and groups.is_contiguous()) else \
+        groups.to(torch.int64).contiguous()
+    _fn('train_forward', x.dtype)(_ptr(x), *_dims(x), (h // 2) * w + w // 2, _ptr(prior),
+                                  _ptr(mean), _ptr(var), _ptr(weight), _ptr(bias), m, _ptr(g), eps, temperature,
+                                  min_count, int(use_batch), int(mn), _ptr(R), _ptr(y), _ptr(buf), _threads())
+    return y, R, buf
+
+
+def train_backward(x: torch.Tensor, g: torch.Tensor, R: torch.Tensor, weight: torch.Tensor, buf: torch.Tensor,
+                   mn: bool, input_grad: bool = True):
+    """(dx or None, [dweight, dbias] (2, M, C) in the map's dtype) of :func:`train_forward` with batch
+    statistics and r constant (the analytic backward of compound_bn_functional._ConstantAssignmentNorm) in
+    one native call."""
+    g = _same_layout(g, x)
+    weight = _small(weight, x)
+    m, c = weight.shape
+    out = torch.empty(2, m, c, dtype=x.dtype)
+    dx = torch.empty_like(x) if input_grad else None
+    _fn('train_backward', x.dtype)(_ptr(x), _ptr(g), *_dims(x), _ptr(R), R.shape[2], m,
+                                   _ptr(weight), _ptr(buf), int(mn), _ptr(dx), _ptr(out), _threads())
+    return dx, out
+
+
+def eval_running(x: torch.Tensor, prior, mean, var, weight, bias, eps: float, temperature: float,
+                 mn: bool) -> torch.Tensor:
+    """Eval output from the running state (prior (M,), mean, var (M, C)) and the affine parameters:
+    :func:`fold` and :func:`folded_eval` in one native call, in x's layout (no autograd)."""
+    prior, mean, var, weight, bias = (_small(t, x) for t in (prior, mean, var, weight, bias))
+    out = torch.empty_like(x)
+    _fn('eval_running', x.dtype)(_ptr(x), *_dims(x), _ptr(prior), _ptr(mean), _ptr(var), _ptr(weight), _ptr(bias),
+                                 prior.shape[0], eps, temperature, int(mn), _ptr(out), _threads())
+    return out

@@ -7,8 +7,11 @@ break, the convolutions and activations around them still compile, and the compi
 
 - ``lt_zoo::cbn_native_train``: the training forward with batch statistics (``train_stats='batch'``,
   r constant: the analytic backward of ``compound_bn_functional._ConstantAssignmentNorm``), registered
-  with its backward ``lt_zoo::cbn_native_train_backward``;
-- ``lt_zoo::cbn_native_eval``: the eval forward from folded constants (no gradient).
+  with its backward ``lt_zoo::cbn_native_train_backward``; one native call each
+  (``compound_bn_native.train_forward`` and ``train_backward``), the batch shift included;
+- ``lt_zoo::cbn_native_eval``: the eval forward from folded constants (no gradient);
+- ``lt_zoo::cbn_native_eval_running``: the same from the running state, the constants folded in the
+  same native call (what a compiled layer runs: no fold ops in the graph).
 
 Each returns fresh tensors (a custom op's outputs may not alias); the (M, C) statistics come back as the
 one buffer the native call wrote them into, which :func:`train` splits.  The same math as the eager native path, which
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from . import compound_bn_native as _native
 
-__all__ = ['TrainOut', 'train', 'eval_forward', 'applies']
+__all__ = ['TrainOut', 'train', 'eval_forward', 'eval_running', 'applies']
 
 
 @torch.compiler.assume_constant_result
@@ -52,46 +55,32 @@ def _layout_of(y: Tensor, x: Tensor) -> Tensor:
     return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
 
 
-def _stat_sizes(m: int, c: int):
-    # counts, n_eff, safe, mask, finite, bmean, bvar, scale, offset, inv, mean_used (native.batch_affine)
-    return [m, m, m, m, 1] + [m * c] * 6
-
-
 @torch.library.custom_op('lt_zoo::cbn_native_train', mutates_args=(), tags=_FLEXIBLE)
-def _train_op(x: Tensor, shift: Tensor, prior: Tensor, mean_rel: Tensor, var: Tensor, weight: Tensor,
-              bias: Tensor, groups: Optional[Tensor], eps: float, temperature: float, min_count: float,
+def _train_op(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
+              groups: Optional[Tensor], eps: float, temperature: float, min_count: float,
               mn: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    xs = _standard(x)
-    m = prior.shape[0]
-    coef = _native.coefficients(prior, mean_rel, var, eps, temperature, xs) if groups is None else None
-    R, sums = _native.estep_moments(xs, m, coef, groups, shift)
-    buf = _native.batch_affine(sums, prior, mean_rel, var, weight, bias, eps, min_count, True, mn, packed=True)
-    c = mean_rel.shape[1]
-    scale, offset = (t.view(m, c) for t in buf.split_with_sizes(_stat_sizes(m, c))[7:9])
-    y = _native.combine(xs, None, R, scale, None, offset, shift)
+    y, R, buf = _native.train_forward(_standard(x), prior, mean, var, weight, bias, groups, eps, temperature,
+                                      min_count, True, mn)
     return _layout_of(y, x), R, buf
 
 
 @_train_op.register_fake
-def _(x, shift, prior, mean_rel, var, weight, bias, groups, eps, temperature, min_count, mn):
+def _(x, prior, mean, var, weight, bias, groups, eps, temperature, min_count, mn):
     n, c, h, w = x.shape
     m = prior.shape[0]
     R = x.new_empty((n, m, 1 if groups is not None else h * w))
-    return torch.empty_like(x), R, x.new_empty(sum(_stat_sizes(m, c)))
+    return torch.empty_like(x), R, x.new_empty(_native.train_buffer_size(m, c))
 
 
 @torch.library.custom_op('lt_zoo::cbn_native_train_backward', mutates_args=(), tags=_FLEXIBLE)
-def _train_backward_op(x: Tensor, shift: Tensor, gy: Tensor, R: Tensor, cw: Optional[Tensor], weight: Tensor,
-                       inv: Tensor, mean_used: Tensor, safe: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
-    xs = _standard(x)
-    gk, hk = _native.grad_moments(xs, gy, R, shift)
-    dweight, dbias, u, wa, v = _native.backward_coefficients(gk, hk, cw, mean_used, inv, weight, safe, mask)
-    dx = _native.combine(xs, gy, R, u, wa, v, shift)
-    return _layout_of(dx, x), torch.stack([dweight, dbias])
+def _train_backward_op(x: Tensor, gy: Tensor, R: Tensor, weight: Tensor, buf: Tensor,
+                       mn: bool) -> Tuple[Tensor, Tensor]:
+    dx, dwb = _native.train_backward(_standard(x), gy, R, weight, buf, mn)
+    return _layout_of(dx, x), dwb
 
 
 @_train_backward_op.register_fake
-def _(x, shift, gy, R, cw, weight, inv, mean_used, safe, mask):
+def _(x, gy, R, weight, buf, mn):
     return torch.empty_like(x), x.new_empty((2,) + tuple(weight.shape))
 
 
@@ -99,51 +88,33 @@ class TrainOut(NamedTuple):
     y: Tensor
     counts: Tensor
     n_eff: Tensor
-    mean: Tensor  # relative to the shift
+    mean: Tensor
     var: Tensor
     finite: Tensor
 
 
-def _unpack(buf: Tensor, m: int, c: int):
-    counts, n_eff, safe, mask, finite, bmean, bvar, scale, offset, inv, mean_used = buf.split_with_sizes(
-        _stat_sizes(m, c))
-    mc = (m, c)
-    return (counts, n_eff, safe.view(m, 1), mask.view(m, 1), finite.view(()), bmean.view(mc), bvar.view(mc),
-            inv.view(mc), mean_used.view(mc))
-
-
-def _mn_weights(counts: Tensor, mn: bool) -> Optional[Tensor]:
-    if not mn:
-        return None
-    prior = counts / counts.sum()
-    return prior.clamp_min(torch.finfo(prior.dtype).tiny).rsqrt()
-
-
 def _setup(ctx, inputs, output):
-    x, shift, prior, mean_rel, var, weight, bias, groups, eps, temperature, min_count, mn = inputs
+    x, prior, mean, var, weight, bias, groups, eps, temperature, min_count, mn = inputs
     _, R, buf = output
     ctx.mn = mn
-    ctx.save_for_backward(x, shift, R, weight, buf)
+    ctx.save_for_backward(x, R, weight, buf)
 
 
 def _backward(ctx, gy, g_r, g_buf):
-    x, shift, R, weight, buf = ctx.saved_tensors
-    m, c = weight.shape
-    counts, _, safe, mask, _, _, _, inv, mean_used = _unpack(buf, m, c)
-    dx, dwb = _train_backward_op(x, shift, gy, R, _mn_weights(counts, ctx.mn), weight, inv, mean_used, safe,
-                                 mask)
-    return dx, None, None, None, None, dwb[0].to(weight.dtype), dwb[1].to(weight.dtype), None, None, None, None, None
+    x, R, weight, buf = ctx.saved_tensors
+    dx, dwb = _train_backward_op(x, gy, R, weight, buf, ctx.mn)
+    return dx, None, None, None, dwb[0].to(weight.dtype), dwb[1].to(weight.dtype), None, None, None, None, None
 
 
 _train_op.register_autograd(_backward, setup_context=_setup)
 
 
-def train(x: Tensor, shift: Tensor, prior: Tensor, mean_rel: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
+def train(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
           groups: Optional[Tensor], eps: float, temperature: float, min_count: float, mn: bool) -> TrainOut:
-    """Training forward with batch statistics on the raw map x (the op subtracts ``shift``): the output
-    in x's layout and the batch statistics (mean relative to the shift), as _ConstantAssignmentNorm."""
-    y, _, buf = _train_op(x, shift, prior, mean_rel, var, weight, bias, groups, eps, temperature, min_count, mn)
-    counts, n_eff, _, _, finite, bmean, bvar, _, _ = _unpack(buf.detach(), *weight.shape)
+    """Training forward with batch statistics on the map x from the running state (prior (M,), mean and
+    var (M, C)): the output in x's layout and the batch statistics, as _ConstantAssignmentNorm."""
+    y, _, buf = _train_op(x, prior, mean, var, weight, bias, groups, eps, temperature, min_count, mn)
+    counts, n_eff, bmean, bvar, finite = _native.batch_statistics(buf.detach(), *weight.shape)
     return TrainOut(y, counts, n_eff, bmean, bvar, finite > 0)
 
 
@@ -157,4 +128,16 @@ def eval_forward(x: Tensor, w1: Tensor, w2: Tensor, const: Tensor, scale: Tensor
 
 @eval_forward.register_fake
 def _(x, w1, w2, const, scale, offset, shift):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op('lt_zoo::cbn_native_eval_running', mutates_args=(), tags=_FLEXIBLE)
+def eval_running(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                 temperature: float, mn: bool) -> Tensor:
+    """Eval output from the running state (compound_bn_native.eval_running) on the raw map; no gradient."""
+    return _layout_of(_native.eval_running(_standard(x), prior, mean, var, weight, bias, eps, temperature, mn), x)
+
+
+@eval_running.register_fake
+def _(x, prior, mean, var, weight, bias, eps, temperature, mn):
     return torch.empty_like(x)

@@ -125,11 +125,16 @@ struct Tiles {
     // tile[ch] = x[img, ch, l0 : l0 + tn], zero beyond tn
     void gather(const S* x, int64_t img, int64_t l0, int64_t tn, V* tile) const {
         if (cl) {
+            // a transpose through the tile's own memory, read along the map: filling a small buffer per
+            // channel and loading it as one vector stalled on store forwarding (2-3.5x the contiguous pass)
             const S* base = x + (img * l + l0) * c;
-            S buf[T<S>];
-            for (int64_t ch = 0; ch < c; ++ch) {
-                for (int64_t t = 0; t < T<S>; ++t) buf[t] = t < tn ? base[t * c + ch] : S(0);
-                tile[ch] = load<S>(buf);
+            S* flat = reinterpret_cast<S*>(tile);  // GCC vector types alias their element type
+            if (tn == T<S>) {
+                for (int64_t ch = 0; ch < c; ++ch)
+                    for (int64_t t = 0; t < T<S>; ++t) flat[ch * T<S> + t] = base[t * c + ch];
+            } else {
+                for (int64_t ch = 0; ch < c; ++ch)
+                    for (int64_t t = 0; t < T<S>; ++t) flat[ch * T<S> + t] = t < tn ? base[t * c + ch] : S(0);
             }
         } else {
             const S* base = x + img * c * l + l0;
@@ -159,8 +164,9 @@ struct Tiles {
     void scatter(S* out, int64_t img, int64_t l0, int64_t tn, const V* tile) const {
         if (cl) {
             S* base = out + (img * l + l0) * c;
+            const S* flat = reinterpret_cast<const S*>(tile);
             for (int64_t ch = 0; ch < c; ++ch)
-                for (int64_t t = 0; t < tn; ++t) base[t * c + ch] = tile[ch][t];
+                for (int64_t t = 0; t < tn; ++t) base[t * c + ch] = flat[ch * T<S> + t];
         } else {
             S* base = out + img * c * l + l0;
             for (int64_t ch = 0; ch < c; ++ch) {
@@ -583,6 +589,91 @@ void running_update(S* prior, S* mean, S* var, S* last_counts, int64_t* tracked,
     ++*tracked;
 }
 
+// One call per direction of a training layer step (not under DDP): a step used to be ~10 foreign calls
+// plus the torch ops around them, and that fixed cost per call outweighed the passes on small maps.
+//
+// The forward's statistics buffer: batch_affine's block, then [shift C | cw M | mean MC]; cw: the weights
+// c_k of the output (pi_k^-1/2 of the prior used when mn, else 1); mean: bmean + shift, the batch mean in
+// the map's own coordinates.
+template <typename S>
+struct TrainBuffer {
+    S *counts, *n_eff, *safe, *mask, *finite, *bmean, *bvar, *scale, *offset, *inv, *mean_used, *shift, *cw, *mean;
+    TrainBuffer(S* b, int64_t m, int64_t c) {
+        const int64_t mc = m * c;
+        counts = b;
+        n_eff = counts + m;
+        safe = n_eff + m;
+        mask = safe + m;
+        finite = mask + m;
+        bmean = finite + 1;
+        bvar = bmean + mc;
+        scale = bvar + mc;
+        offset = scale + mc;
+        inv = offset + mc;
+        mean_used = inv + mc;
+        shift = mean_used + mc;
+        cw = shift + c;
+        mean = cw + m;
+    }
+};
+
+// The training forward of compound_bn_functional with the batch shift (the mean of the N vectors at
+// map position `centre`, batch_shift), the E-step coefficients, posteriors and sums, the statistics and
+// the output in one call.  prior, mean, var: the running state (M,), (M, C); R (N, M, L or 1) and y
+// (x's layout) are written, and the statistics into `out` (TrainBuffer).
+template <int MM, typename S>
+void train_forward(const S* x, int64_t n, int64_t c, int64_t l, int cl, int64_t centre, const S* prior,
+                   const S* mean, const S* var, const S* weight, const S* bias, int64_t m, const int64_t* groups,
+                   S eps, S temperature, S min_count, int use_batch, int mn, S* R, S* y, S* out, int nt) {
+    TrainBuffer<S> b(out, m, c);
+    for (int64_t ch = 0; ch < c; ++ch) {
+        S s = 0;
+        for (int64_t img = 0; img < n; ++img) s += cl ? x[(img * l + centre) * c + ch] : x[(img * c + ch) * l + centre];
+        b.shift[ch] = s / static_cast<S>(n);
+    }
+    std::vector<S> mean_rel(m * c), w1(m * c), w2(m * c), cst(m), sums(m * (2 + 2 * c));
+    for (int64_t k = 0; k < m; ++k)
+        for (int64_t ch = 0; ch < c; ++ch) mean_rel[k * c + ch] = mean[k * c + ch] - b.shift[ch];
+    if (!groups) coefficients<S>(prior, mean_rel.data(), var, m, c, eps, temperature, w1.data(), w2.data(), cst.data());
+    estep_moments<MM, S>(x, b.shift, n, c, l, cl, w1.data(), w2.data(), cst.data(), m, groups, R, sums.data(), nt);
+    batch_affine<S>(sums.data(), prior, mean_rel.data(), var, weight, bias, m, c, eps, min_count, use_batch, mn, out);
+    S total = 0;
+    for (int64_t k = 0; k < m; ++k) total += b.counts[k];
+    for (int64_t k = 0; k < m; ++k) {
+        const S p = use_batch ? b.counts[k] / total : prior[k];
+        b.cw[k] = mn ? S(1) / std::sqrt(std::max(p, tiny<S>())) : S(1);
+        for (int64_t ch = 0; ch < c; ++ch) b.mean[k * c + ch] = b.bmean[k * c + ch] + b.shift[ch];
+    }
+    combine<MM, S>(x, b.shift, nullptr, n, c, l, cl, R, groups ? 1 : l, m, b.scale, nullptr, b.offset, y, nt);
+}
+
+// Its backward (batch statistics, r constant): the gradient sums, the coefficients and, when dx is not
+// null, the input gradient in one call; out = [dweight MC | dbias MC].
+template <int MM, typename S>
+void train_backward(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl, const S* R, int64_t lr,
+                    int64_t m, const S* weight, const S* buf, int mn, S* dx, S* out, int nt) {
+    TrainBuffer<S> b(const_cast<S*>(buf), m, c);
+    std::vector<S> G(m * c), H(m * c), coef(5 * m * c);
+    grad_moments<MM, S>(x, b.shift, g, n, c, l, cl, R, lr, m, G.data(), H.data(), nt);
+    backward_coefficients<S>(G.data(), H.data(), mn ? b.cw : nullptr, b.mean_used, b.inv, weight, b.safe, b.mask,
+                             m, c, coef.data());
+    std::memcpy(out, coef.data(), 2 * m * c * sizeof(S));
+    const S* u = coef.data() + 2 * m * c;
+    if (dx) combine<MM, S>(x, b.shift, g, n, c, l, cl, R, lr, m, u, u + m * c, u + 2 * m * c, dx, nt);
+}
+
+// Eval from the running state: the constants of fold and the eval pass in one call (a compiled graph
+// would otherwise recompute the constants in ~30 graph ops per layer and forward).
+template <int MM, typename S>
+void eval_running(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* prior, const S* mean, const S* var,
+                  const S* weight, const S* bias, int64_t m, S eps, S temperature, int mn, S* out, int nt) {
+    std::vector<S> f(c + 4 * m * c + m);
+    fold<S>(prior, mean, var, weight, bias, m, c, eps, temperature, mn, f.data());
+    const S* w1 = f.data() + c;
+    const S* cst = w1 + 2 * m * c;
+    eval<MM, S>(x, f.data(), n, c, l, cl, w1, w1 + m * c, cst, m, cst + m, cst + m + m * c, out, nt);
+}
+
 // f(std::integral_constant<int, MM>) with MM = m for m in 1..8 (unrolled passes), else MM = 0 (runtime m)
 template <typename F>
 inline void with_components(int64_t m, F&& f) {
@@ -648,6 +739,31 @@ inline void with_components(int64_t m, F&& f) {
                                                    const S* inv, const S* weight, const S* safe, const S* mask,   \
                                                    int64_t m, int64_t c, S* out) {                                \
         backward_coefficients<S>(G, H, cw, mean, inv, weight, safe, mask, m, c, out);                             \
+    }                                                                                                             \
+    extern "C" void cbn_train_forward_##SUF(const S* x, int64_t n, int64_t c, int64_t l, int cl, int64_t centre, \
+                                           const S* prior, const S* mean, const S* var, const S* weight,          \
+                                           const S* bias, int64_t m, const int64_t* groups, S eps, S temperature, \
+                                           S min_count, int use_batch, int mn, S* R, S* y, S* out, int nt) {      \
+        with_components(m, [&](auto mm) {                                                                         \
+            train_forward<decltype(mm)::value, S>(x, n, c, l, cl, centre, prior, mean, var, weight, bias, m,      \
+                                                  groups, eps, temperature, min_count, use_batch, mn, R, y, out,  \
+                                                  nt);                                                            \
+        });                                                                                                       \
+    }                                                                                                             \
+    extern "C" void cbn_train_backward_##SUF(const S* x, const S* g, int64_t n, int64_t c, int64_t l, int cl,     \
+                                            const S* R, int64_t lr, int64_t m, const S* weight, const S* buf,     \
+                                            int mn, S* dx, S* out, int nt) {                                      \
+        with_components(m, [&](auto mm) {                                                                         \
+            train_backward<decltype(mm)::value, S>(x, g, n, c, l, cl, R, lr, m, weight, buf, mn, dx, out, nt);    \
+        });                                                                                                       \
+    }                                                                                                             \
+    extern "C" void cbn_eval_running_##SUF(const S* x, int64_t n, int64_t c, int64_t l, int cl, const S* prior,   \
+                                          const S* mean, const S* var, const S* weight, const S* bias, int64_t m, \
+                                          S eps, S temperature, int mn, S* out, int nt) {                         \
+        with_components(m, [&](auto mm) {                                                                         \
+            eval_running<decltype(mm)::value, S>(x, n, c, l, cl, prior, mean, var, weight, bias, m, eps,          \
+                                                 temperature, mn, out, nt);                                       \
+        });                                                                                                       \
     }                                                                                                             \
     extern "C" void cbn_running_update_##SUF(S* prior, S* mean, S* var, S* last_counts, int64_t* tracked,         \
                                             int64_t* skipped, const S* counts, const S* n_eff, const S* bmean,    \
