@@ -43,10 +43,18 @@ RECORD_FILES = ('eval.json', 'config.yaml', 'metrics.jsonl')
 # run id -> (label, method config under train/configs/fmnist_lt, overrides, stage-1 run id or None).
 # Overrides are plain config keys (train/train.py --help).
 _AA = {'train_aug': 'strong'}  # the single-view AutoAugment baseline of CBN's Table 2
-PROTOCOL_EPOCHS = 25  # train/configs/fmnist_lt/_base.yaml
-PLATEAU_EPOCHS = 31  # 25 / 0.8 = 31.25: the protocol's budget is the first 80% of this one
+
+
+def _protocol_epochs() -> int:
+    """The protocol's budget, read from its config (one source: a v4 changes the YAML, not this file)."""
+    import yaml
+    return int(yaml.safe_load((ROOT / CONFIGS / '_base.yaml').read_text())['epochs'])
+
+
+PROTOCOL_EPOCHS = _protocol_epochs()
+PLATEAU_EPOCHS = int(PROTOCOL_EPOCHS / 0.8)  # 25 / 0.8 = 31.25: the protocol's budget is the first 80% of this one
 # row -> its run at PLATEAU_EPOCHS: the budget gain that the plateau target judges
-PLATEAU_PAIRS = {'ce': 'ce_e31', 'balanced_softmax': 'bs_e31'}
+PLATEAU_PAIRS = {'ce': f'ce_e{PLATEAU_EPOCHS}', 'balanced_softmax': f'bs_e{PLATEAU_EPOCHS}'}
 RUNS = {
     'ce': ('CE', 'ce.yaml', {}, None),
     'balanced_softmax': ('Balanced Softmax', 'balanced_softmax.yaml', {}, None),

@@ -203,8 +203,9 @@ def test_plateau_target_judges_the_budget_gain_and_keeps_the_within_run_gain_apa
     assert bs['verdict'].startswith('pending') and bs['value'] == pytest.approx(0.01)
     import yaml
     base = yaml.safe_load((ROOT / 'train' / 'configs' / 'fmnist_lt' / '_base.yaml').read_text())
-    assert bench.PROTOCOL_EPOCHS == base['epochs']  # the label's 25 is the protocol's budget
-    assert bench.RUNS['ce_e31'][2] == {'epochs': 31} and round(0.8 * bench.PLATEAU_EPOCHS) == bench.PROTOCOL_EPOCHS
+    assert bench.PROTOCOL_EPOCHS == base['epochs'] == 25  # read from the protocol's config (v3: 25)
+    assert bench.PLATEAU_EPOCHS == 31 and bench.PLATEAU_PAIRS == {'ce': 'ce_e31', 'balanced_softmax': 'bs_e31'}
+    assert bench.RUNS['ce_e31'][2] == {'epochs': 31} and bench.RUNS['bs_e31'][1] == 'balanced_softmax.yaml'
 
 
 def test_a_stage2_pair_retrains_its_stage1_when_the_run_directory_has_no_model(tmp_path, monkeypatch):
