@@ -13,7 +13,11 @@ CBN pass's memory traffic (the output pass reads R as well, M/C of the map): whe
 times BN's time on the same map, at least (k - 1)/k of it is arithmetic, and fewer passes over memory
 would not remove it.
 
-A second table times one whole layer (``CompoundBatchNorm2d`` M = 4, ``nn.BatchNorm2d``: forward and
+A layout table repeats the passes at the largest M and batch 64 on channels_last maps (N, H, W, C in
+memory: each tile of T positions is then a transpose), as a ratio to the contiguous map; under
+``torch.compile`` inductor hands the layer channels_last activations whatever the model's layout.
+
+A further table times one whole layer (``CompoundBatchNorm2d`` M = 4, ``nn.BatchNorm2d``: forward and
 backward in training, forward in eval) on a 2x64x2x2 map, where the passes cost next to nothing: the fixed
 cost of a layer call, paid 31 times per ResNet-32 step whatever the map size.
 
@@ -67,11 +71,12 @@ def _seconds(fn, min_time: float, rounds: int) -> float:
     return best
 
 
-def pass_calls(n: int, c: int, side: int, m: int) -> dict:
+def pass_calls(n: int, c: int, side: int, m: int, channels_last: bool = False) -> dict:
     """{pass: a call of it} on one random map (N, C, side, side) with M = m components."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c, side, side, generator=g)
-    gy = torch.randn(n, c, side, side, generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(n, c, side, side, generator=g).contiguous(memory_format=fmt)
+    gy = torch.randn(n, c, side, side, generator=g).contiguous(memory_format=fmt)
     shift = torch.randn(c, generator=g) * 0.1
     w1, w2 = torch.randn(m, c, generator=g) * 0.1, -0.5 - torch.rand(m, c, generator=g)
     const = torch.randn(m, generator=g)
@@ -126,7 +131,18 @@ def measure(args) -> dict:
                     cells.append(dict(m=None if name == 'bn_forward' else m, pass_=name, channels=c, side=side,
                                       batch=n, elements=elems, us=s * 1e6, ns_per_element=s * 1e9 / elems))
                     print(f"M={m} {name:14s} {n:3d}x{c}x{side}x{side}: {s * 1e9 / elems:6.3f} ns/element", flush=True)
-    return dict(fixed_us=fixed_costs(args), command='python benchmarks/cbn_pass_bound.py ' + ' '.join(sys.argv[1:]), torch=torch.__version__,
+    layout = []
+    n, m = (64 if 64 in args.batches else args.batches[0]), max(args.components)
+    for c, side, _ in RESNET32_16:
+        calls = {fmt: pass_calls(n, c, side, m, channels_last=fmt == 'channels_last')
+                 for fmt in ('contiguous', 'channels_last')}
+        for name in PASSES:
+            us = {fmt: _seconds(calls[fmt][name], args.min_time, args.rounds) * 1e6 for fmt in calls}
+            layout.append(dict(m=m, pass_=name, channels=c, side=side, batch=n, contiguous_us=us['contiguous'],
+                               channels_last_us=us['channels_last']))
+            print(f"M={m} {name:14s} {n:3d}x{c}x{side}x{side}: channels_last / contiguous "
+                  f"{us['channels_last'] / us['contiguous']:.2f}", flush=True)
+    return dict(fixed_us=fixed_costs(args), layout=layout, command='python benchmarks/cbn_pass_bound.py ' + ' '.join(sys.argv[1:]), torch=torch.__version__,
                 cpu=cpu_model(), machine=platform.machine(), threads=args.threads, min_time=args.min_time,
                 rounds=args.rounds, date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), cells=cells)
 
@@ -162,6 +178,13 @@ def write_markdown(res: dict, path: str) -> None:
                 if (c['m'] or 0) == m and c['pass_'] == PASSES[pi] and c['channels'] == ch}
         shown = [f'{vals[n]:.3f}' + ('' if pi == 0 else f' ({vals[n] / bn[(ch, n)]:.1f}x)') for n in batches]
         lines.append(f"| {m or '-'} | {PASSES[pi]} | {ch}x{side}x{side} | " + ' | '.join(shown) + ' |')
+    if res.get('layout'):
+        first = res['layout'][0]
+        lines += ['', f"## channels_last maps against contiguous ones (M = {first['m']}, batch {first['batch']})", '',
+                  '| pass | C x H x W | contiguous us | channels_last us | ratio |', '|---|---|---|---|---|']
+        lines += [f"| {r['pass_']} | {r['channels']}x{r['side']}x{r['side']} | {r['contiguous_us']:.0f} | "
+                  f"{r['channels_last_us']:.0f} | {r['channels_last_us'] / r['contiguous_us']:.2f}x |"
+                  for r in res['layout']]
     fx = res['fixed_us']
     lines += ['', '## Fixed cost of one layer call (2x64x2x2 map, microseconds)', '',
               '| layer | training step (forward + backward) | eval forward |', '|---|---|---|']

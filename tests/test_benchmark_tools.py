@@ -231,7 +231,9 @@ def test_pass_bound_sums_the_resnet32_layers_and_divides_by_bn_of_the_same_map(t
                   us=float(c) * (1 + i), ns_per_element=0.5 * (1 + i))
              for c, s, _ in bound.RESNET32_16 for i, p in enumerate(bound.PASSES)]
     res = dict(command='c', torch='t', cpu='x', threads=1, min_time=0.1, rounds=1, date='d', cells=cells,
-               fixed_us={'bn': dict(train_us=100.0, eval_us=10.0), 'cbn_m4': dict(train_us=300.0, eval_us=20.0)})
+               fixed_us={'bn': dict(train_us=100.0, eval_us=10.0), 'cbn_m4': dict(train_us=300.0, eval_us=20.0)},
+               layout=[dict(m=4, pass_='eval', channels=32, side=8, batch=64, contiguous_us=200.0,
+                            channels_last_us=250.0)])
     res['network'] = bound.network_totals(res)
     # training passes: (3 + 4 + 5 + 6) * (16 * 11 + 32 * 10 + 64 * 10) us; eval: 2 * the same layer sum
     layer_sum = 16 * 11 + 32 * 10 + 64 * 10
@@ -242,6 +244,7 @@ def test_pass_bound_sums_the_resnet32_layers_and_divides_by_bn_of_the_same_map(t
     text = (tmp_path / 'r.md').read_text()
     assert '| 4 | estep_moments | 16x16x16 | 1.500 (3.0x) |' in text  # 0.5 * 3 over BN's 0.5
     assert f"| 4 | {18 * layer_sum / 1e3:.1f} | {2 * layer_sum / 1e3:.1f} | {layer_sum / 1e3:.1f} | 6.2 |" in text
+    assert '| eval | 32x8x8 | 200 | 250 | 1.25x |' in text
     with pytest.raises(SystemExit):
         bound.main(['--components', '0', '--batches', '0', '--out', str(tmp_path / 'never')])
     err = capsys.readouterr().err

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -14,6 +14,8 @@
 //                  the output (A = scale, D = offset) and the input gradient (A = U, B = W A, D = V)
 //   grad_moments   G_kc = sum_p r_pk g_pc, H_kc = sum_p r_pk g_pc x_pc
 //   eval           E-step and output in one pass, R never stored
+// train_forward / train_backward chain the passes of a training step with the (M, C) statistics between
+// them, one call per direction; eval_running folds the eval constants and runs eval in one call.
 //
 // R is (N, M, L), or (N, M, 1) on the split path (one weight per image).  Sums accumulate in the map's
 // scalar type, in a different order than the GEMM formulation: results agree to rounding.
@@ -125,8 +127,9 @@ struct Tiles {
     // tile[ch] = x[img, ch, l0 : l0 + tn], zero beyond tn
     void gather(const S* x, int64_t img, int64_t l0, int64_t tn, V* tile) const {
         if (cl) {
-            // a transpose through the tile's own memory, read along the map: filling a small buffer per
-            // channel and loading it as one vector stalled on store forwarding (2-3.5x the contiguous pass)
+            // a transpose written straight into the tile's storage, one channel's T lanes after another:
+            // filling a small buffer per channel and loading it as one vector stalled on store forwarding
+            // (several times the contiguous pass; now 1.06-1.41x, benchmarks/results/cbn_pass_bound.md)
             const S* base = x + (img * l + l0) * c;
             S* flat = reinterpret_cast<S*>(tile);  // GCC vector types alias their element type
             if (tn == T<S>) {
