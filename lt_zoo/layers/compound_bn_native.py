@@ -257,18 +257,14 @@ def fold(prior, mean, var, weight, bias, eps: float, temperature: float, mn: boo
     return shift, w1.view(m, c), w2.view(m, c), const, scale.view(m, c), offset.view(m, c)
 
 
-def batch_affine(sums, prior, mean_rel, var, weight, bias, eps: float, min_count: float, use_batch: bool, mn: bool,
-                 packed: bool = False):
+def batch_affine(sums, prior, mean_rel, var, weight, bias, eps: float, min_count: float, use_batch: bool, mn: bool):
     """Statistics of a training forward from the batch sums (M, 2 + 2C), as _train_forward computes them:
-    (counts, n_eff, safe (M, 1), mask (M, 1) 1/0, finite (), bmean, bvar, scale, offset, inv, mean_used);
-    ``packed``: the one buffer they are views of, in that order (4M + 1 + 6MC values)."""
+    (counts, n_eff, safe (M, 1), mask (M, 1) 1/0, finite (), bmean, bvar, scale, offset, inv, mean_used)."""
     prior, mean_rel, var, weight, bias = (_small(t, sums) for t in (prior, mean_rel, var, weight, bias))
     m, c = mean_rel.shape
     buf = torch.empty(4 * m + 1 + 6 * m * c, dtype=sums.dtype)
     _fn('batch_affine', sums.dtype)(_ptr(_small(sums, sums)), _ptr(prior), _ptr(mean_rel), _ptr(var), _ptr(weight),
                                     _ptr(bias), m, c, eps, min_count, int(use_batch), int(mn), _ptr(buf))
-    if packed:
-        return buf
     counts, n_eff, safe, mask, finite, *mc = buf.split_with_sizes([m, m, m, m, 1] + [m * c] * 6)
     return (counts, n_eff, safe.view(m, 1), mask.view(m, 1), finite.view(()), *(t.view(m, c) for t in mc))
 
