@@ -52,9 +52,9 @@ def _protocol_epochs() -> int:
 
 
 PROTOCOL_EPOCHS = _protocol_epochs()
-PLATEAU_EPOCHS = int(PROTOCOL_EPOCHS / 0.8)  # 25 / 0.8 = 31.25: the protocol's budget is the first 80% of this one
-# row -> its run at PLATEAU_EPOCHS: the budget gain that the plateau target judges
-PLATEAU_PAIRS = {'ce': f'ce_e{PLATEAU_EPOCHS}', 'balanced_softmax': f'bs_e{PLATEAU_EPOCHS}'}
+SHORT_EPOCHS = round(0.8 * PROTOCOL_EPOCHS)  # 40 of 50: the plateau compares the protocol with its first 80%
+# row -> the same row at SHORT_EPOCHS (the schedule shrinks with the budget): the gain the plateau target judges
+PLATEAU_PAIRS = {'ce': f'ce_e{SHORT_EPOCHS}', 'balanced_softmax': f'bs_e{SHORT_EPOCHS}'}
 RUNS = {
     'ce': ('CE', 'ce.yaml', {}, None),
     'balanced_softmax': ('Balanced Softmax', 'balanced_softmax.yaml', {}, None),
@@ -79,37 +79,32 @@ RUNS = {
     # CBN's open design choices, each on the layer alone (bs_aa_cbn) unless it concerns the dual path
     'cbn_m1': ('CBN, M = 1 (equals BN: sanity row)', 'balanced_softmax.yaml',
                dict(_AA, model='resnet32_cbn', model_kwargs={'num_components': 1}), None),
-    'cbn_m2': ('CBN, M = 2', 'balanced_softmax.yaml',
-               dict(_AA, model='resnet32_cbn', model_kwargs={'num_components': 2}), None),
+    'cbn_m4': ('CBN, M = 4 (the paper\'s best; the default up to protocol v3)', 'balanced_softmax.yaml',
+               dict(_AA, model='resnet32_cbn', model_kwargs={'num_components': 4}), None),
     'cbn_t_channels': ('CBN, temperature = C', 'balanced_softmax.yaml',
                        dict(_AA, model='resnet32_cbn', model_kwargs={'temperature': 'channels'}), None),
-    'cbn_rgrad': ('CBN, gradient through the responsibilities', 'balanced_softmax.yaml',
-                  dict(_AA, model='resnet32_cbn', model_kwargs={'responsibility_grad': True}), None),
     'cbn_dpl_once': ('CBN + DPL, running statistics updated once per step', 'cbn.yaml',
                      {'dual_stat_updates': 'once'}, None),
-    # Under-trained or wrong?  The layer rows again at twice the budget (the schedule stretches with it)
-    'bs_aa_e50': ('BS + AutoAugment, 50 epochs', 'balanced_softmax.yaml', dict(_AA, epochs=50), None),
-    'bs_aa_cbn_e50': ('+ CBN, 50 epochs', 'balanced_softmax.yaml', dict(_AA, model='resnet32_cbn', epochs=50), None),
-    # The plateau criterion as a budget comparison: the same cosine schedule stretched to 31 epochs, so that the
-    # protocol's 25 epochs are its first 80% (docs/benchmark.md#the-plateau-criterion-under-a-cosine-schedule)
-    # ... and at 40 and 50 epochs: the same check for a longer protocol (40 is 80% of 50)
-    **{f'{short}_e{e}': (f'{label}, {e} epochs', config, {'epochs': e}, None)
-       for e in (PLATEAU_EPOCHS, 40, 50)
+    # The plateau criterion as a budget comparison: the same cosine schedule shrunk to the protocol's first
+    # 80% (docs/benchmark.md#the-plateau-criterion-under-a-cosine-schedule)
+    **{f'{short}_e{SHORT_EPOCHS}': (f'{label}, {SHORT_EPOCHS} epochs', config, {'epochs': SHORT_EPOCHS}, None)
        for short, label, config in (('ce', 'CE', 'ce.yaml'), ('bs', 'Balanced Softmax', 'balanced_softmax.yaml'))},
 }
-# Rows the trainer now refuses (an option measured not to train from scratch): their recorded seeds stay in
-# the tables as the evidence, and the runner trains no more of them.
-REFUSED = {
-    'cbn_rgrad': 'seed 0 diverged (loss 475 at epoch 4, 41.1% at the end), so the trainer refuses '
-                 '`responsibility_grad: true` from scratch and no further seeds are trained',
+# Options the trainer refuses (measured not to train from scratch): not rows; the evidence is a table of an
+# earlier protocol (docs/benchmark.md).
+NOT_ROWS = {
+    '`train_stats: running` (the running statistics normalise in training)':
+        'the loss becomes NaN within tens of steps at lr 0.1 (docs/compound_bn_numerics.md)',
+    '`responsibility_grad: true` (gradients through the responsibilities)':
+        'under protocol v3 its seed 0 diverged, loss 475 at epoch 4 and 41.1% at the end '
+        '(benchmarks/results/v3_25_epochs/cbn_ablation.md)',
 }
 TABLES = {
     'fmnist_lt': ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'nbn', 'cbn', 'fsa', 'ce_balanced'],
-    'cbn_ablation': ['balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
-                     'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once'],
+    'cbn_ablation': ['balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4',
+                     'cbn_t_channels', 'cbn_dpl_once'],
     'gcl_diagnosis': ['ce', 'ce_mixup', 'gcl', 'gcl_nomix', 'gcl_crt', 'gcl_nomix_crt'],
-    'cbn_budget': ['bs_aa', 'bs_aa_cbn', 'cbn_m1', 'bs_aa_e50', 'bs_aa_cbn_e50'],
-    'plateau': ['ce', 'ce_e31', 'ce_e40', 'ce_e50', 'balanced_softmax', 'bs_e31', 'bs_e40', 'bs_e50'],
+    'plateau': [f'ce_e{SHORT_EPOCHS}', 'ce', f'bs_e{SHORT_EPOCHS}', 'balanced_softmax'],
 }
 # Table ids of the CBN ablation rows, as the issue and the paper name them.
 ABLATION_IDS = {'balanced_softmax': 'bs', 'cbn': 'bs_aa_cbn_sbn_dpl'}
@@ -140,8 +135,10 @@ def resolved_config(run, seed, args) -> dict:
 
 # Bumped when a change outside the config changes what a run computes.  3: CIFAR ResNets no longer
 # zero-initialise the last norm of each block (with option-A shortcuts that left the padded channels
-# dead, docs/models.md#decision-cifar-initialisation), so every earlier record is void.
-PROTOCOL_VERSION = 3
+# dead, docs/models.md#decision-cifar-initialisation).  4: the CBN layer's default M is 2 (it was 4); with it
+# the budget went from 25 to 50 epochs (a config change, which the fingerprint sees on its own).  Records of
+# an earlier version are void; v3's tables are kept in benchmarks/results/v3_25_epochs/.
+PROTOCOL_VERSION = 4
 
 
 def fingerprint(cfg: dict) -> str:
@@ -168,6 +165,32 @@ def is_recorded(run, seed, fp) -> bool:
     return path.exists() and json.loads(path.read_text()).get('protocol_fingerprint') == fp
 
 
+# Written into a run directory when its pair is recorded: the fingerprint it was recorded under.
+STAMP = 'benchmark_protocol.json'
+
+
+def run_dir_mismatch(args, run, seed, fp):
+    """Why the run directory of (run, seed) cannot serve this protocol, or None (absent, or of this protocol).
+
+    A recorded directory carries its fingerprint (STAMP); any directory's config.yaml is compared key by key
+    with the config this protocol resolves.  So a directory of an earlier protocol (another budget, another
+    version) is never resumed, recorded under the new fingerprint or used as a stage 1."""
+    out = ROOT / run_dir(args, run, seed)
+    if (out / STAMP).exists():
+        got = json.loads((out / STAMP).read_text()).get('protocol_fingerprint')
+        if got != fp:
+            return f'{run_dir(args, run, seed)} was recorded under protocol fingerprint {got}, this protocol is {fp}'
+    if (out / 'config.yaml').exists():
+        import yaml
+        have = yaml.safe_load((out / 'config.yaml').read_text()) or {}
+        want = resolved_config(run, seed, args)
+        diff = sorted(k for k in set(have) | set(want) if k not in _NOT_PROTOCOL and have.get(k) != want.get(k))
+        if diff:
+            shown = ', '.join(f'{k}: {have.get(k)!r} (protocol: {want.get(k)!r})' for k in diff[:3])
+            return f'{run_dir(args, run, seed)} holds a run of another config ({shown})'
+    return None
+
+
 def keep_record(args, run, seed, fp) -> None:
     """Copy a finished run's small files into the committed records, stamped with the protocol fingerprint."""
     src, dst = ROOT / run_dir(args, run, seed), ROOT / record_dir(run, seed)
@@ -178,6 +201,7 @@ def keep_record(args, run, seed, fp) -> None:
     ev = json.loads((dst / 'eval.json').read_text())
     ev['protocol_fingerprint'] = fp
     (dst / 'eval.json').write_text(json.dumps(ev, indent=1))
+    (src / STAMP).write_text(json.dumps({'protocol_fingerprint': fp, 'protocol_version': PROTOCOL_VERSION}))
 
 
 def train_one(args, run, seed, fp, log_dir) -> None:
@@ -266,6 +290,7 @@ def summarise(run, args) -> dict:
     bal = [e['balanced_acc'] for _, e in evs]
     gains = [g for g in (last_fifth_gain(run, s) for s, _ in evs) if g is not None]
     return dict(method=run, label=RUNS[run][0], seeds=[s for s, _ in evs], balanced_acc_per_seed=bal,
+                carried_over={s: e['carried_over_from'] for s, e in evs if e.get('carried_over_from')},
                 mean=mean(bal), std=sd(bal), **{g: mean(v) for g, v in groups.items()},
                 last_fifth_gain=mean(gains),
                 wall_time_s=mean([e.get('wall_time_s') for _, e in evs if e.get('wall_time_s') is not None]),
@@ -348,9 +373,8 @@ def write_table(table, args, rows_by_run):
     title = {'fmnist_lt': 'Fashion-MNIST-LT (IF 100): every method',
              'cbn_ablation': 'Fashion-MNIST-LT (IF 100): CBN ablation (shaped like Cheng et al. Table 2)',
              'gcl_diagnosis': 'Fashion-MNIST-LT (IF 100): GCL at a short budget, with and without mixup',
-             'cbn_budget': 'Fashion-MNIST-LT (IF 100): the CBN layer against BN at 25 and 50 epochs',
-             'plateau': 'Fashion-MNIST-LT (IF 100): CE and Balanced Softmax at 25, 31, 40 and 50 epochs '
-                        '(the plateau check)'}[table]
+             'plateau': f'Fashion-MNIST-LT (IF 100): CE and Balanced Softmax at {SHORT_EPOCHS} and '
+                        f'{PROTOCOL_EPOCHS} epochs (the plateau check)'}[table]
     lines = [f'# {title}', '',
              f"Protocol: `{meta['protocol']}`; balanced accuracy (%) on the balanced 10,000-image test set, mean ± "
              f"sample std over seeds; many/medium/few are seed means. Produced by `{meta['command']}` on "
@@ -369,11 +393,16 @@ def write_table(table, args, rows_by_run):
             line += f" {'-' if gc is None else f'{100 * gc:.0f}%'} |"
         lines.append(line)
     if table == 'cbn_ablation':
-        lines += ['', "Not a row: `train_stats: running` (the running statistics normalise in training). It cannot "
-                      "train from scratch: the loss becomes NaN within tens of steps at lr 0.1, so the trainer refuses "
-                      "it (docs/compound_bn_numerics.md)."]
-    refused = [r['method'] for r in rows if RUNS_BY_ID.get(r['method'], r['method']) in REFUSED]
-    lines += [x for m in refused for x in ('', f"Refused after its first seed: `{m}`: {REFUSED[RUNS_BY_ID.get(m, m)]}.")]
+        lines += ['', 'Not rows: options the trainer refuses from scratch, because they do not train:', '']
+        lines += [f'- {option}: {why}.' for option, why in NOT_ROWS.items()]
+    carried = {}  # (row, source run) -> seeds
+    for r in rows:
+        for seed, src in r.get('carried_over', {}).items():
+            carried.setdefault((r['method'], str(Path(src).parent)), []).append(str(seed))
+    if carried:
+        lines += ['', 'Seeds carried over from an earlier protocol (same resolved config, on a model the change '
+                      'did not touch; benchmarks/carry_over.py):', '']
+        lines += [f"- `{m}` seed(s) {', '.join(seeds)}: from `{src}/`" for (m, src), seeds in carried.items()]
     lines += ['', 'Rows (each seed K = 0, 1, 2 replaces `K`):', '']
     lines += [f"- `{r['method']}`: `{r['command']}`" for r in rows]
     lines += ['', f'Curves (seed mean against epoch, band = min-max over seeds): `{table}_curves.png`.']
@@ -389,7 +418,7 @@ def _pct(v) -> str:
 # The targets of the benchmark (docs/benchmark.md): a verdict needs every row involved at >= MIN_SEEDS seeds.
 MIN_SEEDS = 3
 REPORT_COMMAND = 'python benchmarks/fmnist_lt.py --report_only'
-CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m2', 'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once')
+CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m4', 'cbn_t_channels', 'cbn_dpl_once')
 
 
 def write_targets(rows):
@@ -436,15 +465,15 @@ def write_targets(rows):
                             text=f'({_pct(rows[best]["mean"])} - {_pct(lo)}) / ({_pct(hi)} - {_pct(lo)}) = '
                                  f'{100 * g:.0f}% ({best}){note}',
                             verdict=verdict([best, 'ce', 'ce_balanced'], g >= 0.7)))
-    for r, longer in PLATEAU_PAIRS.items():
+    for r, shorter in PLATEAU_PAIRS.items():
         # Under cosine decay the last fifth of one run is also the end of its annealing, so the plateau is judged
-        # on the budget: the protocol's run against the same schedule 1.25x as long (docs/benchmark.md).
-        if rows[r]['mean'] is not None and rows[longer]['mean'] is not None:
-            gain = rows[longer]['mean'] - rows[r]['mean']
-            targets.append(dict(target=f'{r} plateaus: {PLATEAU_EPOCHS} epochs add < 0.5 points over '
-                                       f'{PROTOCOL_EPOCHS}', rows=[r, longer], value=gain,
-                                text=f'{longer} {_pct(rows[longer]["mean"])} - {r} {_pct(rows[r]["mean"])} = '
-                                     f'{100 * gain:+.2f}', verdict=verdict([r, longer], gain < 0.005)))
+        # on the budget: the protocol's run against the same schedule over its first 80% (docs/benchmark.md).
+        if rows[r]['mean'] is not None and rows[shorter]['mean'] is not None:
+            gain = rows[r]['mean'] - rows[shorter]['mean']
+            targets.append(dict(target=f'{r} plateaus: {PROTOCOL_EPOCHS} epochs add < 0.5 points over '
+                                       f'{SHORT_EPOCHS}', rows=[r, shorter], value=gain,
+                                text=f'{r} {_pct(rows[r]["mean"])} - {shorter} {_pct(rows[shorter]["mean"])} = '
+                                     f'{100 * gain:+.2f}', verdict=verdict([r, shorter], gain < 0.005)))
         within = rows[r]['last_fifth_gain']
         if within is not None:
             targets.append(dict(target=f'{r}, within one run: its last 20% of epochs add < 0.5 points '
@@ -463,10 +492,10 @@ def write_targets(rows):
 
 # The README's benchmark table: every row with a record, in this order (ablation and diagnosis rows beside
 # their method), then the targets.  Spliced between the markers below by --update_readme.
-SUMMARY_ORDER = ['ce', 'ce_e31', 'ce_e40', 'ce_e50', 'balanced_softmax', 'bs_e31', 'bs_e40', 'bs_e50', 'bs_aa',
-                 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m2',
-                 'cbn_t_channels', 'cbn_rgrad', 'cbn_dpl_once', 'bs_aa_e50', 'bs_aa_cbn_e50', 'ce_mixup', 'gcl', 'gcl_crt', 'gcl_nomix',
-                 'gcl_nomix_crt', 'ldam_drw', 'logit_adjust', 'nbn', 'fsa', 'ce_balanced']
+SUMMARY_ORDER = ['ce', f'ce_e{SHORT_EPOCHS}', 'balanced_softmax', f'bs_e{SHORT_EPOCHS}', 'bs_aa',
+                 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4', 'cbn_t_channels', 'cbn_dpl_once',
+                 'ce_mixup', 'gcl', 'gcl_crt', 'gcl_nomix', 'gcl_nomix_crt', 'ldam_drw', 'logit_adjust', 'nbn', 'fsa',
+                 'ce_balanced']
 README_MARKERS = ('<!-- benchmark-summary:start (python benchmarks/fmnist_lt.py --report_only --update_readme) -->',
                   '<!-- benchmark-summary:end -->')
 
@@ -529,11 +558,15 @@ def main(argv=None):
     pairs = [(r, s) for s in args.seeds for r in runs]
     fps = {p: fingerprint(resolved_config(*p, args)) for p in pairs}
     if not args.report_only:
-        refused = sorted({p[0] for p in pairs if p[0] in REFUSED})
-        if refused:
-            print(f'not trained (the trainer refuses them): {refused}', flush=True)
-        todo = [p for p in pairs if p[0] not in REFUSED and not is_recorded(*p, fps[p])]
+        todo = [p for p in pairs if not is_recorded(*p, fps[p])]
         todo = with_missing_stage1(args, todo, fps)
+        stage1s = {(RUNS[r][3], s) for r, s in todo if RUNS[r][3] is not None}
+        for p in stage1s - set(fps):
+            fps[p] = fingerprint(resolved_config(*p, args))
+        foreign = [m for p in dict.fromkeys(todo + sorted(stage1s)) if (m := run_dir_mismatch(args, *p, fps[p]))]
+        if foreign:  # before any training: nothing of an earlier protocol is resumed, recorded or overwritten
+            raise SystemExit('run directories of another protocol; move them away (or pass another --runs) and '
+                             'run again:\n  ' + '\n  '.join(foreign))
         print(f'{len(pairs) - len(todo)} of {len(pairs)} (run, seed) pairs already recorded; {len(todo)} to train',
               flush=True)
         failed = schedule(args, todo, fps)

@@ -121,8 +121,8 @@ def test_protocol_version_pins_the_defaults_its_records_were_made_with():
     bench = _load('fmnist_lt')
     defaults = lambda cls: {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                             if p.default is not inspect.Parameter.empty and k not in ('device', 'dtype')}
-    pinned = {3: {
-        CompoundBatchNorm2d: dict(num_components=4, momentum=0.1, eps=1e-5, train_stats='batch',
+    pinned = {4: {
+        CompoundBatchNorm2d: dict(num_components=2, momentum=0.1, eps=1e-5, train_stats='batch',
                                   combine='posterior', responsibility_grad=False, temperature=1.0,
                                   perturbation=0.1),
         CosineClassifier: dict(scale=30.0),
@@ -175,37 +175,40 @@ def test_targets_judge_the_best_row_with_enough_seeds_and_name_a_better_row_with
     empty = EMPTY_ROW
     rows['bs_aa'] = dict(empty, mean=0.85, seeds=[0, 1, 2])
     rows['bs_aa_cbn'] = dict(empty, mean=0.88, seeds=[0, 1, 2])   # +3.0 over 3 seeds: met
-    rows['cbn_m2'] = dict(empty, mean=0.90, seeds=[0])             # better, but one seed: named only
+    rows['cbn_m4'] = dict(empty, mean=0.90, seeds=[0])             # better, but one seed: named only
     targets = {t['target']: t for t in bench.write_targets(rows)}
     cbn = targets['best CBN row >= bs_aa + 2.0 points']
     assert cbn['rows'] == ['bs_aa_cbn', 'bs_aa'] and cbn['verdict'] == 'met'
     assert cbn['value'] == pytest.approx(0.03)
-    assert cbn['text'].endswith('best with fewer seeds: cbn_m2 90.00 (1 seed(s))')
+    assert cbn['text'].endswith('best with fewer seeds: cbn_m4 90.00 (1 seed(s))')
     rows['bs_aa_cbn'] = dict(empty, mean=0.84, seeds=[0, 1])      # no CBN row has 3 seeds: pending on the best
     cbn = {t['target']: t for t in bench.write_targets(rows)}['best CBN row >= bs_aa + 2.0 points']
-    assert cbn['rows'] == ['cbn_m2', 'bs_aa'] and cbn['verdict'].startswith('pending')
+    assert cbn['rows'] == ['cbn_m4', 'bs_aa'] and cbn['verdict'].startswith('pending')
     assert json.loads((tmp_path / bench.RESULTS / 'targets.json').read_text())['targets'][0]['rows'] == cbn['rows']
 
 
 def test_plateau_target_judges_the_budget_gain_and_keeps_the_within_run_gain_apart(bench_in_tmp):
     bench, rows = bench_in_tmp
     empty = EMPTY_ROW
-    rows['ce'] = dict(empty, mean=0.800, seeds=[0, 1, 2], last_fifth_gain=0.009)
-    rows['ce_e31'] = dict(empty, mean=0.803, seeds=[0, 1, 2])
-    rows['balanced_softmax'] = dict(empty, mean=0.870, seeds=[0, 1, 2])
-    rows['bs_e31'] = dict(empty, mean=0.880, seeds=[0, 1])
+    rows['ce'] = dict(empty, mean=0.803, seeds=[0, 1, 2], last_fifth_gain=0.009)
+    rows['ce_e40'] = dict(empty, mean=0.800, seeds=[0, 1, 2])
+    rows['balanced_softmax'] = dict(empty, mean=0.880, seeds=[0, 1, 2])
+    rows['bs_e40'] = dict(empty, mean=0.870, seeds=[0, 1])
     targets = {t['target']: t for t in bench.write_targets(rows)}
-    ce = targets['ce plateaus: 31 epochs add < 0.5 points over 25']
-    assert ce['rows'] == ['ce', 'ce_e31'] and ce['verdict'] == 'met' and ce['value'] == pytest.approx(0.003)
+    ce = targets['ce plateaus: 50 epochs add < 0.5 points over 40']
+    assert ce['rows'] == ['ce', 'ce_e40'] and ce['verdict'] == 'met' and ce['value'] == pytest.approx(0.003)
     within = [t for t in targets.values() if t['target'].startswith('ce, within one run')]
     assert len(within) == 1 and within[0]['verdict'] == 'missed' and within[0]['value'] == pytest.approx(0.009)
-    bs = targets['balanced_softmax plateaus: 31 epochs add < 0.5 points over 25']
+    bs = targets['balanced_softmax plateaus: 50 epochs add < 0.5 points over 40']
     assert bs['verdict'].startswith('pending') and bs['value'] == pytest.approx(0.01)
+    rows['ce_e40'] = dict(empty, mean=0.797, seeds=[0, 1, 2])  # 0.6 points over the last fifth of the budget
+    ce = {t['target']: t for t in bench.write_targets(rows)}['ce plateaus: 50 epochs add < 0.5 points over 40']
+    assert ce['verdict'] == 'missed' and ce['value'] == pytest.approx(0.006)
     import yaml
     base = yaml.safe_load((ROOT / 'train' / 'configs' / 'fmnist_lt' / '_base.yaml').read_text())
-    assert bench.PROTOCOL_EPOCHS == base['epochs'] == 25  # read from the protocol's config (v3: 25)
-    assert bench.PLATEAU_EPOCHS == 31 and bench.PLATEAU_PAIRS == {'ce': 'ce_e31', 'balanced_softmax': 'bs_e31'}
-    assert bench.RUNS['ce_e31'][2] == {'epochs': 31} and bench.RUNS['bs_e31'][1] == 'balanced_softmax.yaml'
+    assert bench.PROTOCOL_EPOCHS == base['epochs'] == 50  # read from the protocol's config (v4: 50)
+    assert bench.SHORT_EPOCHS == 40 and bench.PLATEAU_PAIRS == {'ce': 'ce_e40', 'balanced_softmax': 'bs_e40'}
+    assert bench.RUNS['ce_e40'][2] == {'epochs': 40} and bench.RUNS['bs_e40'][1] == 'balanced_softmax.yaml'
 
 
 def test_a_stage2_pair_retrains_its_stage1_when_the_run_directory_has_no_model(tmp_path, monkeypatch):
@@ -250,3 +253,78 @@ def test_pass_bound_sums_the_resnet32_layers_and_divides_by_bn_of_the_same_map(t
     err = capsys.readouterr().err
     assert '--components must be 1..64, got 0' in err and '--batches must be >= 1, got 0' in err
     assert not list(tmp_path.glob('never*'))
+
+
+def _protocol_tree(tmp_path, bench, monkeypatch):
+    """tmp_path as the repository root: the protocol's configs linked in, results and runs written there."""
+    import argparse
+    (tmp_path / 'train').symlink_to(ROOT / 'train')
+    monkeypatch.setattr(bench, 'ROOT', tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return argparse.Namespace(runs='runs/bench', eval_every=None, compile=False)
+
+
+def test_runner_refuses_run_directories_of_another_protocol_before_training(tmp_path, monkeypatch):
+    import json
+    import yaml
+    bench = _load('fmnist_lt')
+    args = _protocol_tree(tmp_path, bench, monkeypatch)
+    cfg = bench.resolved_config('ce', 0, args)
+    fp = bench.fingerprint(cfg)
+    out = tmp_path / bench.run_dir(args, 'ce', 0)
+    assert bench.run_dir_mismatch(args, 'ce', 0, fp) is None  # no directory: nothing to refuse
+    out.mkdir(parents=True)
+    (out / 'config.yaml').write_text(yaml.safe_dump(dict(cfg, output_dir='anywhere')))
+    assert bench.run_dir_mismatch(args, 'ce', 0, fp) is None  # where it wrote is not protocol
+    (out / 'config.yaml').write_text(yaml.safe_dump(dict(cfg, epochs=25)))
+    assert 'epochs: 25 (protocol: 50)' in bench.run_dir_mismatch(args, 'ce', 0, fp)
+    (out / 'config.yaml').write_text(yaml.safe_dump(cfg))
+    (out / bench.STAMP).write_text(json.dumps({'protocol_fingerprint': 'older'}))
+    assert 'recorded under protocol fingerprint older' in bench.run_dir_mismatch(args, 'ce', 0, fp)
+    # the runner stops before it trains anything, and the directory is left as it was
+    trained = []
+    monkeypatch.setattr(bench, 'schedule', lambda *a: trained.append(a) or [])
+    with pytest.raises(SystemExit, match='runs/bench/ce/seed0 was recorded under protocol fingerprint older'):
+        bench.main(['--runs_only', 'ce', 'fsa', '--seeds', '0', '--tables', 'fmnist_lt'])
+    assert trained == [] and json.loads((out / bench.STAMP).read_text()) == {'protocol_fingerprint': 'older'}
+
+
+def test_carry_over_copies_only_same_config_records_of_unchanged_models(tmp_path, monkeypatch):
+    import json
+    import yaml
+    carry = _load('carry_over')
+    bench = carry.bench
+    args = _protocol_tree(tmp_path, bench, monkeypatch)
+    monkeypatch.setattr(carry, 'ROOT', tmp_path)
+    old = tmp_path / 'old_records'
+
+    def old_record(name, seed, cfg, acc):
+        d = old / name / f'seed{seed}'
+        d.mkdir(parents=True)
+        (d / 'config.yaml').write_text(yaml.safe_dump(cfg))
+        (d / 'eval.json').write_text(json.dumps({'balanced_acc': acc, 'protocol_fingerprint': 'v-old'}))
+        (d / 'metrics.jsonl').write_text('{"epoch": 1}\n')
+
+    ce = bench.resolved_config('ce', 0, args)
+    old_record('ce_e50', 0, dict(ce, output_dir='runs/old/ce_e50/seed0'), 0.81)   # same config: carried
+    old_record('ce', 1, dict(bench.resolved_config('ce', 1, args), epochs=25), 0.70)  # another budget: not
+    old_record('cbn_e50', 0, bench.resolved_config('bs_aa_cbn', 0, args), 0.90)   # a changed model: not
+    run_dir = tmp_path / 'old_runs' / 'ce_e50' / 'seed0'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'model.safetensors').write_bytes(b'weights')
+    cli = ['--records', str(old), '--old_runs', str(tmp_path / 'old_runs'), '--unchanged_models', 'resnet32',
+           '--seeds', '0', '1']
+    assert carry.carry_over(carry.parse_args(cli)) == [('ce', 0, 'ce_e50')]
+    fp = bench.fingerprint(ce)
+    assert bench.is_recorded('ce', 0, fp) and not bench.is_recorded('ce', 1, bench.fingerprint(
+        bench.resolved_config('ce', 1, args)))
+    ev = json.loads((tmp_path / bench.record_dir('ce', 0) / 'eval.json').read_text())
+    assert ev['balanced_acc'] == 0.81 and ev['carried_over_from'].endswith('old_records/ce_e50/seed0')
+    assert not bench.is_recorded('bs_aa_cbn', 0, bench.fingerprint(bench.resolved_config('bs_aa_cbn', 0, args)))
+    moved = tmp_path / bench.run_dir(args, 'ce', 0)
+    assert (moved / 'model.safetensors').read_bytes() == b'weights' and not run_dir.exists()
+    assert bench.run_dir_mismatch(args, 'ce', 0, fp) is None  # stamped with the current fingerprint
+    row = bench.summarise('ce', args)
+    assert row['seeds'] == [0] and list(row['carried_over']) == [0]
+    assert carry.carry_over(carry.parse_args(cli)) == []  # recorded now: nothing is replaced
+

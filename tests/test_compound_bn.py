@@ -578,7 +578,7 @@ def test_bad_options_raise():
 # ----------------------------------------------------------------------------------- integration
 def test_timm_norm_layer_contract_and_state_dict_round_trip():
     layer = CompoundBatchNorm2d(8, device='cpu', dtype=torch.float64)  # timm's call signature
-    assert layer.weight.shape == (4, 8) and layer.weight.dtype == torch.float64
+    assert layer.weight.shape == (2, 8) and layer.weight.dtype == torch.float64  # default M = 2
     nn.init.zeros_(layer.weight)  # timm zero_init_last
     model = nn.Sequential(nn.Conv2d(3, 8, 3), CompoundBatchNorm2d(8, 3))
     model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

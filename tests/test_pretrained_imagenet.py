@@ -320,7 +320,7 @@ def test_places_lt_recipe_runs_one_step_from_the_converted_checkpoint(bn_models,
     trained = safetensors.torch.load_file(str(run / 'model.safetensors'))
     start = bn_models[0]['resnet50'].state_dict()
     assert trained['fc.weight'].shape == (3, 2048)  # the 1000-class head was reset for the 3 classes
-    assert trained['layer4.2.bn3.running_mean'].shape == (4, 2048)  # CBN, M = 4
+    assert trained['layer4.2.bn3.running_mean'].shape == (2, 2048)  # CBN, the default M = 2
     for key in ('conv1.weight', 'layer3.5.conv2.weight'):  # lr 1e-6: one step, still at timm's weights
         change = (trained[key] - start[key]).norm() / start[key].norm()
         assert 0 < change < 1e-3, (key, float(change))  # a fresh init would differ by ~1.4

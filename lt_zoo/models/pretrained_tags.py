@@ -48,7 +48,7 @@ WEIGHTS_FILE = 'model.safetensors'
 _FASHION_MNIST_LABELS = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                          'Ankle boot')
 
-# Fashion-MNIST-LT benchmark, protocol v3 (train/configs/fmnist_lt/_base.yaml, benchmarks/fmnist_lt.py
+# Fashion-MNIST-LT benchmark, protocol v4 (train/configs/fmnist_lt/_base.yaml, benchmarks/fmnist_lt.py
 # PROTOCOL_VERSION): IF 100, exp profile, cao2019 selection, lt_seed 0 -> 14,886 training images (indices hash
 # 52323999b1542c91), resized to 16x16x1, so ResNet-32 (two stride-2 stages) ends on a 4x4 map.  mean/std: the
 # training split's (lt_zoo.data.dataset_mean_std, normalize: dataset), computed on the images at their stored
