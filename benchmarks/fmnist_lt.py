@@ -372,7 +372,7 @@ def write_table(table, args, rows_by_run):
                                                  if r['std'] is not None else f"{100 * r['mean']:.2f}")
     title = {'fmnist_lt': 'Fashion-MNIST-LT (IF 100): every method',
              'cbn_ablation': 'Fashion-MNIST-LT (IF 100): CBN ablation (shaped like Cheng et al. Table 2)',
-             'gcl_diagnosis': 'Fashion-MNIST-LT (IF 100): GCL at a short budget, with and without mixup',
+             'gcl_diagnosis': 'Fashion-MNIST-LT (IF 100): GCL with and without mixup',
              'plateau': f'Fashion-MNIST-LT (IF 100): CE and Balanced Softmax at {SHORT_EPOCHS} and '
                         f'{PROTOCOL_EPOCHS} epochs (the plateau check)'}[table]
     lines = [f'# {title}', '',
