@@ -328,3 +328,30 @@ def test_carry_over_copies_only_same_config_records_of_unchanged_models(tmp_path
     assert row['seeds'] == [0] and list(row['carried_over']) == [0]
     assert carry.carry_over(carry.parse_args(cli)) == []  # recorded now: nothing is replaced
 
+
+
+def test_cbn_budget_reads_checked_records_and_refuses_a_mislabelled_one(tmp_path, monkeypatch):
+    import json
+    import yaml
+    budget = _load('cbn_budget')
+    monkeypatch.setattr(budget, 'RESULTS', tmp_path)
+
+    def record(rel, seed, acc, **cfg):
+        d = tmp_path / rel / f'seed{seed}'
+        d.mkdir(parents=True)
+        (d / 'config.yaml').write_text(yaml.safe_dump(dict(dict(seed=seed, train_aug='strong', model_kwargs={}),
+                                                           **cfg)))
+        (d / 'eval.json').write_text(json.dumps({'balanced_acc': acc}))
+
+    # v3 records name M only when it is not v3's default 4; v4's default is 2
+    record(f'{budget.V3}/m4', 0, 0.80, epochs=25, model='resnet32_cbn')
+    record(f'{budget.V3}/m4', 1, 0.84, epochs=25, model='resnet32_cbn', model_kwargs={'num_components': 4})
+    record(f'{budget.V4}/m2', 0, 0.88, epochs=50, model='resnet32_cbn')
+    got = budget.read_row('resnet32_cbn', 4, {25: f'{budget.V3}/m4'})
+    assert got[25]['seeds'] == [0, 1] and got[25]['balanced_acc_per_seed'] == [0.80, 0.84]
+    assert budget.read_row('resnet32_cbn', 2, {50: f'{budget.V4}/m2'})[50]['balanced_acc_per_seed'] == [0.88]
+    with pytest.raises(SystemExit, match='M 2, .*is not the row .*M 4,'):
+        budget.read_row('resnet32_cbn', 4, {50: f'{budget.V4}/m2'})  # a v4 default-M record is M = 2
+    with pytest.raises(SystemExit, match='epochs 25.*is not the row \\(50 epochs'):
+        budget.read_row('resnet32_cbn', 4, {50: f'{budget.V3}/m4'})
+    assert budget.read_row('resnet32', None, {50: f'{budget.V4}/none'})[50]['seeds'] == []  # not trained yet
