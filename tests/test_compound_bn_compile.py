@@ -96,7 +96,8 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split, kernel
 
 def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
     """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_native_eval_running
-    (eval) as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not."""
+    (eval) as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not,
+    and only the pointwise graph copies the running state (lt_zoo::cbn_state_copy) for its backward."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -115,6 +116,8 @@ def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
             compiled(torch.randn(3, 4, 5, 5))
         text = '\n'.join(graphs)
         assert ('cbn_native_train' in text) == expect and ('cbn_native_eval_running' in text) == expect, text
+        # the native op's backward reads only its outputs: no copy of the running state for it
+        assert ('cbn_state_copy' in text) == (not expect), text
 
 
 @pytest.mark.parametrize('groups', [False, True], ids=['compound', 'split'])

@@ -313,8 +313,9 @@ class CompoundBatchNorm2d(nn.Module):
             if folded is not None:
                 return cbf.compound_norm_eval(x, folded, self.responsibility_grad, self.kernel)
         state = (self.running_prior, self.running_mean, self.running_var)
-        if self.training and torch.compiler.is_compiling():  # a graph's backward must not read the buffers
-            state = _state_copy(*state)
+        if self.training and torch.compiler.is_compiling() and not cbf.compiled_native_train(
+                self.kernel, x, self.train_stats, self.responsibility_grad, groups, sync):
+            state = _state_copy(*state)  # a graph's backward must not read the buffers (the native op's does not)
         y, stats = cbf.compound_batch_norm(
             x, *state, self.weight, self.bias, self.training,
             self.eps, temperature=self._temperature(), combine=self.combine, train_stats=self.train_stats,

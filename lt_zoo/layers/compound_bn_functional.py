@@ -79,6 +79,14 @@ def _compiled_native(kernel: str, x: torch.Tensor) -> bool:
     return kernel in ('auto', 'native') and torch.compiler.is_compiling() and _ops.applies(x)
 
 
+def compiled_native_train(kernel: str, x: torch.Tensor, train_stats: str, responsibility_grad: bool,
+                          groups: Optional[torch.Tensor], sync: bool) -> bool:
+    """Whether a compiled training forward runs as the native custom op ``lt_zoo::cbn_native_train``, whose
+    backward reads only its own outputs, never the running state (batch statistics, r constant, no DDP)."""
+    return (train_stats == 'batch' and not (responsibility_grad and groups is None) and not sync
+            and _compiled_native(kernel, x))
+
+
 def _check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -543,7 +551,7 @@ def compound_batch_norm(
                                                   MIN_COUNT, use_batch, mn)
             counts, n_eff, bmean, bvar, finite = _native.batch_statistics(buf, *mean.shape)
             return y, BatchStats(counts, n_eff, bmean, bvar, finite > 0)
-    if use_batch and not (responsibility_grad and groups is None) and not sync and _compiled_native(kernel, x):
+    if compiled_native_train(kernel, x, train_stats, responsibility_grad, groups, sync):
         out = _ops.train(x, prior, mean, var, weight, bias, groups, eps, temperature, MIN_COUNT, mn)
         return out.y, BatchStats(out.counts, out.n_eff, out.mean, out.var, out.finite)
     shift = batch_shift(x, sync)
