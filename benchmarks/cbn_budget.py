@@ -102,13 +102,12 @@ def main():
 
 
 def plot(rows, budgets):
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own: no pyplot state, PNG through matplotlib's Agg canvas
+        from matplotlib.figure import Figure
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     for i, (label, r) in enumerate(rows.items()):
         dx = (i - (len(rows) - 1) / 2) * 0.6  # spread the rows apart at each budget
         xs, ms = [], []
@@ -127,7 +126,6 @@ def plot(rows, budgets):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(OUT.with_suffix('.png'), dpi=110)
-    plt.close(fig)
 
 
 if __name__ == '__main__':
