@@ -1,4 +1,5 @@
-"""The measuring code of benchmarks/: the CBN layer diagnosis and the benchmark runner's record fingerprint."""
+"""The measuring code of benchmarks/: the CBN layer diagnosis, the benchmark runner (fingerprints, run
+directories, targets), carry_over and cbn_budget."""
 import importlib.util
 from pathlib import Path
 
