@@ -32,11 +32,6 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 import fmnist_lt as bench  # noqa: E402
 
 
-def same_protocol(have: dict, want: dict) -> bool:
-    keys = (set(have) | set(want)) - bench._NOT_PROTOCOL
-    return all(have.get(k) == want.get(k) for k in keys)
-
-
 def candidates(records: Path, seed: int) -> list:
     """(old run id, its record directory) of every old record of ``seed``, sorted by run id."""
     return sorted((d.name, d / f'seed{seed}') for d in records.iterdir() if (d / f'seed{seed}' / 'config.yaml').exists())
@@ -57,7 +52,7 @@ def carry_over(args) -> list:
             if want['model'] not in args.unchanged_models or bench.is_recorded(run, seed, fp):
                 continue
             match = [(old, d) for old, d in candidates(records, seed)
-                     if same_protocol(yaml.safe_load((d / 'config.yaml').read_text()) or {}, want)]
+                     if not bench.protocol_diff(yaml.safe_load((d / 'config.yaml').read_text()) or {}, want)]
             if not match:
                 continue
             old, src = match[0]

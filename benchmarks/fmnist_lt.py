@@ -165,6 +165,11 @@ def is_recorded(run, seed, fp) -> bool:
     return path.exists() and json.loads(path.read_text()).get('protocol_fingerprint') == fp
 
 
+def protocol_diff(have: dict, want: dict) -> list:
+    """The keys, sorted, on which two resolved configs differ in what a run computes (not in _NOT_PROTOCOL)."""
+    return sorted(k for k in set(have) | set(want) if k not in _NOT_PROTOCOL and have.get(k) != want.get(k))
+
+
 # Written into a run directory when its pair is recorded: the fingerprint it was recorded under.
 STAMP = 'benchmark_protocol.json'
 
@@ -184,7 +189,7 @@ def run_dir_mismatch(args, run, seed, fp):
         import yaml
         have = yaml.safe_load((out / 'config.yaml').read_text()) or {}
         want = resolved_config(run, seed, args)
-        diff = sorted(k for k in set(have) | set(want) if k not in _NOT_PROTOCOL and have.get(k) != want.get(k))
+        diff = protocol_diff(have, want)
         if diff:
             shown = ', '.join(f'{k}: {have.get(k)!r} (protocol: {want.get(k)!r})' for k in diff[:3])
             return f'{run_dir(args, run, seed)} holds a run of another config ({shown})'
