@@ -14,6 +14,7 @@ latest checkpoint of its run directory; stage-2 runs wait for their stage-1 run 
     python benchmarks/fmnist_lt.py                          # everything missing, 2 jobs x 1 thread
     python benchmarks/fmnist_lt.py --tables cbn_ablation --seeds 0 1 2
     python benchmarks/fmnist_lt.py --report_only            # rebuild the tables from the records
+    python benchmarks/fmnist_lt.py --plan                   # what is left to train, and what it costs
 
 Outputs: ``benchmarks/results/<table>.json`` and ``.md`` for the tables ``fmnist_lt`` (the method table)
 and ``cbn_ablation`` (shaped like Table 2 of Cheng et al., ACM MM'22, plus CBN's open design choices),
@@ -232,8 +233,15 @@ def train_one(args, run, seed, fp, log_dir) -> None:
     print(f'{run} seed {seed}: done in {took:.0f} s', flush=True)
 
 
+def training_order(pairs) -> list:
+    """The order schedule() starts pairs in: seed by seed, so a table fills up evenly; within a seed the
+    longest first (dual path, then other CBN rows), stage-2 pairs last (they wait for their stage 1)."""
+    cost = lambda p: (RUNS[p[0]][3] is not None, -('cbn' in p[0]), -('dpl' in p[0] or p[0] == 'cbn'), p[1])
+    return sorted(pairs, key=lambda p: (p[1], cost(p)))
+
+
 def schedule(args, pairs, fps):
-    """Run the missing (run, seed) pairs, longest first; stage-2 pairs after their stage 1."""
+    """Run the missing (run, seed) pairs in training_order; stage-2 pairs after their stage 1."""
     log_dir = ROOT / args.runs / 'logs'
     log_dir.mkdir(parents=True, exist_ok=True)
     done = {p: threading.Event() for p in pairs}
@@ -255,11 +263,79 @@ def schedule(args, pairs, fps):
             failed.append(pair)
         done[pair].set()
 
-    cost = lambda p: (RUNS[p[0]][3] is not None, -('cbn' in p[0]), -('dpl' in p[0] or p[0] == 'cbn'), p[1])
-    order = sorted(pairs, key=lambda p: (p[1], cost(p)))  # seed by seed, so a table fills up evenly
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(work, order))
+        list(pool.map(work, training_order(pairs)))
     return failed
+
+
+def minutes_per_epoch(run):
+    """(median wall-clock minutes per epoch over the recorded seeds of ``run``, number of seeds, where from).
+
+    From the committed records of this protocol (eval.json ``wall_time_s`` over config.yaml ``epochs``),
+    else from the newest archived protocol that has the row (benchmarks/results/v*/fmnist_lt_runs: an
+    epoch costs the same at another budget); (None, 0, None) for a row never recorded."""
+    archives = sorted(ROOT.glob(f'{RESULTS}/v*/fmnist_lt_runs'), reverse=True)
+    for records in [ROOT / RECORDS] + archives:
+        per_epoch = []
+        for ev in sorted((records / run).glob('seed*/eval.json')):
+            took = json.loads(ev.read_text()).get('wall_time_s')
+            cfg = ev.parent / 'config.yaml'
+            epochs = _yaml_epochs(cfg) if cfg.exists() else None
+            if took is not None and epochs:
+                per_epoch.append(took / 60 / epochs)
+        if per_epoch:
+            return statistics.median(per_epoch), len(per_epoch), records.relative_to(ROOT).as_posix()
+    return None, 0, None
+
+
+def _yaml_epochs(path: Path):
+    import yaml
+    return (yaml.safe_load(path.read_text()) or {}).get('epochs')
+
+
+def epochs_done(args, run, seed) -> int:
+    """Epochs of the latest complete checkpoint in the run directory (0 if none): where a resume starts."""
+    done = [int(p.name.split('_')[1]) for p in (ROOT / run_dir(args, run, seed) / 'checkpoints').glob('epoch_*')
+            if p.name.split('_')[1].isdigit()]
+    return max(done, default=0)
+
+
+def plan(args, todo, foreign) -> str:
+    """What the runner would train, in its order, with what each pair costs by the committed records.
+
+    A pair's estimate is its row's minutes per epoch (minutes_per_epoch: this protocol's records, else an
+    archived protocol's, marked) times the epochs a resume still has to train.  The records' wall times
+    are what they were: 1 thread each with ``--threads 1``, slower when the machine was shared."""
+    lines = [f'{len(todo)} (run, seed) pairs to train, in this order ({args.jobs} at a time, {args.threads} '
+             f'thread(s) each):', '',
+             '| row | seed | minutes per epoch (recorded seeds) | resumes at epoch | estimate, minutes |',
+             '|---|---|---|---|---|']
+    known, unknown, archived = 0.0, [], {}
+    for run, seed in training_order(todo):
+        per_epoch, n, source = minutes_per_epoch(run)
+        epochs = int(resolved_config(run, seed, args).get('epochs') or 0)
+        done = min(epochs_done(args, run, seed), epochs)
+        if per_epoch is None:
+            unknown.append(run)
+            cells = ['? (0)', '?']
+        else:
+            left = per_epoch * (epochs - done)
+            known += left
+            mark = ''
+            if source != RECORDS.as_posix():
+                archived[run] = source
+                mark = ' *'
+            cells = [f'{per_epoch:.2f} ({n}){mark}', f'{left:.0f}']
+        lines.append(f'| `{run}` | {seed} | {cells[0]} | {done} of {epochs} | {cells[1]} |')
+    lines += ['', f'Estimated: {known / 60:.1f} core-hours'
+              + (f'; no estimate for {len(unknown)} pair(s) of rows never recorded: '
+                 f'{", ".join(dict.fromkeys(unknown))}' if unknown else '') + '.']
+    if archived:
+        lines += ['', '* from an archived protocol: ' + ', '.join(f'`{r}` ({src})' for r, src in archived.items())]
+    if foreign:
+        lines += ['', 'The runner would refuse to start: run directories of another protocol:']
+        lines += [f'- {m}' for m in foreign]
+    return '\n'.join(lines)
 
 
 def with_missing_stage1(args, todo, fps) -> list:
@@ -550,6 +626,8 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true', help='train with compile: true')
     ap.add_argument('--runs', default='runs/bench', help='parent of the run directories (not committed)')
     ap.add_argument('--report_only', action='store_true', help='only rebuild the tables from the records')
+    ap.add_argument('--plan', action='store_true',
+                    help='print the pairs still to train, in order, with their cost by the records; train nothing')
     ap.add_argument('--update_readme', action='store_true',
                     help="also write benchmarks/results/summary.md into README.md's benchmark table")
     args = ap.parse_args(argv)
@@ -569,6 +647,9 @@ def main(argv=None):
         for p in stage1s - set(fps):
             fps[p] = fingerprint(resolved_config(*p, args))
         foreign = [m for p in dict.fromkeys(todo + sorted(stage1s)) if (m := run_dir_mismatch(args, *p, fps[p]))]
+        if args.plan:
+            print(plan(args, todo, foreign))
+            return
         if foreign:  # before any training: nothing of an earlier protocol is resumed, recorded or overwritten
             raise SystemExit('run directories of another protocol; move them away (or pass another --runs) and '
                              'run again:\n  ' + '\n  '.join(foreign))

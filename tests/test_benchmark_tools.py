@@ -356,3 +356,36 @@ def test_cbn_budget_reads_checked_records_and_refuses_a_mislabelled_one(tmp_path
     with pytest.raises(SystemExit, match='epochs 25.*is not the row \\(50 epochs'):
         budget.read_row('resnet32_cbn', 4, {50: f'{budget.V3}/m4'})
     assert budget.read_row('resnet32', None, {50: f'{budget.V4}/none'})[50]['seeds'] == []  # not trained yet
+
+
+def test_runner_plan_prices_the_pairs_left_by_the_records_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    import json
+    import yaml
+    bench = _load('fmnist_lt')
+    args = _protocol_tree(tmp_path, bench, monkeypatch)
+    fp = bench.fingerprint(bench.resolved_config('ce', 0, args))
+    rec = tmp_path / bench.record_dir('ce', 0)  # ce seed 0 recorded: 1200 s over 50 epochs = 0.4 min per epoch
+    rec.mkdir(parents=True)
+    (rec / 'eval.json').write_text(json.dumps({'wall_time_s': 1200.0, 'protocol_fingerprint': fp}))
+    (rec / 'config.yaml').write_text(yaml.safe_dump({'epochs': 50}))
+    old = tmp_path / bench.RESULTS / 'v3_25_epochs' / 'fmnist_lt_runs' / 'gcl' / 'seed0'  # archived only
+    old.mkdir(parents=True)
+    (old / 'eval.json').write_text(json.dumps({'wall_time_s': 1500.0}))
+    (old / 'config.yaml').write_text(yaml.safe_dump({'epochs': 25}))
+    resumed = tmp_path / bench.run_dir(args, 'ce', 1)  # ce seed 1 stopped after 10 epochs
+    (resumed / 'checkpoints' / 'epoch_0010').mkdir(parents=True)
+    (resumed / 'checkpoints' / '.tmp_epoch_0011').mkdir()  # an unfinished write is not a checkpoint
+    (resumed / 'config.yaml').write_text(yaml.safe_dump(bench.resolved_config('ce', 1, args)))
+    monkeypatch.setattr(bench, 'schedule', lambda *a: pytest.fail('--plan trained'))
+    bench.main(['--plan', '--runs_only', 'ce', 'gcl', 'gcl_crt', '--seeds', '0', '1', '--tables', 'fmnist_lt'])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith('| `')]
+    assert rows == ['| `gcl` | 0 | 1.00 (1) * | 0 of 50 | 50 |',
+                    '| `gcl_crt` | 0 | ? (0) | 0 of 5 | ? |',
+                    '| `ce` | 1 | 0.40 (1) | 10 of 50 | 16 |',  # table order within a seed, stage 2 last
+                    '| `gcl` | 1 | 1.00 (1) * | 0 of 50 | 50 |',
+                    '| `gcl_crt` | 1 | ? (0) | 0 of 5 | ? |']
+    assert '5 (run, seed) pairs to train' in out
+    assert 'Estimated: 1.9 core-hours; no estimate for 2 pair(s) of rows never recorded: gcl_crt.' in out
+    assert '`gcl` (benchmarks/results/v3_25_epochs/fmnist_lt_runs)' in out
+    assert not (tmp_path / bench.RESULTS / 'fmnist_lt.md').exists()  # a plan writes no table
