@@ -268,6 +268,24 @@ def test_card_shows_checkout_paths_relative_to_the_repository(run_copy, nbn_run,
     assert 'stage-1 run `runs/fmnist_lt/ce`' in text
 
 
+def test_card_of_a_resumed_run_shows_the_command_that_starts_it(run_copy, tmp_path):
+    from lt_zoo.hub.card import starting_command
+    assert starting_command('train/train.py --seed 0 --resume latest --lr 0.1') == ('train/train.py --seed 0 --lr 0.1', True)
+    assert starting_command("t.py --resume='runs/a b/checkpoints/epoch_0003'") == ('t.py', True)
+    assert starting_command('t.py --resume=latest --seed 1') == ('t.py --seed 1', True)
+    assert starting_command('t.py --resume_from_x 1') == ('t.py --resume_from_x 1', False)  # another option
+    ev = json.loads((run_copy / 'eval.json').read_text())
+    ev['command'] = 'train/train.py --config train/configs/fmnist_lt/nbn.yaml --output_dir runs/x --resume latest'
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    text = write_card(str(run_copy), REPO_ID, str(tmp_path / 'c.md'), log=lambda s: None).read_text()
+    assert 'train/train.py --config train/configs/fmnist_lt/nbn.yaml --output_dir runs/x\n```' in text
+    assert 'continued from its newest checkpoint (`--resume latest`, left out above' in text
+    ev['command'] = 'train/train.py --config train/configs/fmnist_lt/nbn.yaml --output_dir runs/x'
+    (run_copy / 'eval.json').write_text(json.dumps(ev))
+    text = write_card(str(run_copy), REPO_ID, str(tmp_path / 'c.md'), log=lambda s: None).read_text()
+    assert 'runs/x\n```' in text and 'newest checkpoint' not in text  # a run that was never stopped
+
+
 # paths of one machine: an absolute path of a home, temp or work folder as a token of its own
 _MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|root|tmp|work|Users|mnt|var|private)/")
 

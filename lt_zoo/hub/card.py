@@ -163,6 +163,20 @@ def _repo_relative_text(text: Optional[str]) -> Optional[str]:
     return text
 
 
+# `--resume latest` (or a checkpoint folder) continues a run that was stopped; on a fresh checkout the run
+# directory has no checkpoint and train/train.py refuses it, so the card shows the command that starts the
+# run, and says that it was resumed.
+_RESUME = re.compile(r"\s--resume(?:=|\s+)(?:'[^']*'|\"[^\"]*\"|\S+)")
+
+
+def starting_command(command: Optional[str]) -> Tuple[Optional[str], bool]:
+    """(``command`` without its ``--resume`` option, whether it had one): what reproduces the run from scratch."""
+    if not command:
+        return command, False
+    started = _RESUME.sub('', command)
+    return started, started != command
+
+
 def benchmark_row(table_path: str, row_id: str) -> Optional[Dict[str, Any]]:
     """Row ``row_id`` of a benchmark seed table (benchmarks/fmnist_lt.py's ``<table>.json``) for a card.
 
@@ -325,7 +339,8 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
         std=list(pcfg.get('std', [])), num_classes=export_config['num_classes'],
         model_args=json.dumps(export_config.get('model_args', {})),
         results=results, recipe=recipe_rows(cfg), stage1_recipe=_stage1_recipe(cfg, record.path),
-        stage1_dir=_repo_relative_text(cfg.get('stage1_dir')), command=_repo_relative_text(ev['command']),
+        stage1_dir=_repo_relative_text(cfg.get('stage1_dir')), command=_repo_relative_text(starting_command(ev['command'])[0]),
+        resumed=starting_command(ev['command'])[1],
         classes=classes, many_threshold=cfg.get('many_threshold', 100), few_threshold=cfg.get('few_threshold', 20),
         long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
         indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,
