@@ -216,7 +216,8 @@ def train_one(args, run, seed, fp, log_dir) -> None:
     if (out / 'eval.json').exists():
         keep_record(args, run, seed, fp)
         return
-    if (out / 'checkpoints').is_dir() and any((out / 'checkpoints').glob('epoch_*')):
+    from lt_zoo.training.run_dir import checkpoint_dirs
+    if checkpoint_dirs(out):
         argv += ['--resume', 'latest']
     elif out.exists():
         argv += ['--overwrite', 'true']  # started but never checkpointed: nothing to keep
@@ -295,9 +296,9 @@ def _yaml_epochs(path: Path):
 
 def epochs_done(args, run, seed) -> int:
     """Epochs of the latest complete checkpoint in the run directory (0 if none): where a resume starts."""
-    done = [int(p.name.split('_')[1]) for p in (ROOT / run_dir(args, run, seed) / 'checkpoints').glob('epoch_*')
-            if p.name.split('_')[1].isdigit()]
-    return max(done, default=0)
+    from lt_zoo.training.run_dir import checkpoint_dirs
+    done = checkpoint_dirs(ROOT / run_dir(args, run, seed))
+    return int(done[-1].name.split('_')[1]) if done else 0
 
 
 def plan(args, todo, foreign) -> str:

@@ -326,6 +326,7 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
                                                               record.architecture)]
     tag = next((name for name, entry in PRETRAINED_TAGS.items() if entry.get('hf_hub_id') == repo_id), None)
     lt = ev['long_tail']
+    command, resumed = starting_command(ev['command'])
     data = card_data_for(record, repo_id, arch)
     return ModelCard.from_template(
         data, template_path=str(template),
@@ -339,8 +340,8 @@ def render_model_card(record, repo_id: str, *, export_config: Optional[Dict[str,
         std=list(pcfg.get('std', [])), num_classes=export_config['num_classes'],
         model_args=json.dumps(export_config.get('model_args', {})),
         results=results, recipe=recipe_rows(cfg), stage1_recipe=_stage1_recipe(cfg, record.path),
-        stage1_dir=_repo_relative_text(cfg.get('stage1_dir')), command=_repo_relative_text(starting_command(ev['command'])[0]),
-        resumed=starting_command(ev['command'])[1],
+        stage1_dir=_repo_relative_text(cfg.get('stage1_dir')), command=_repo_relative_text(command),
+        resumed=resumed,
         classes=classes, many_threshold=cfg.get('many_threshold', 100), few_threshold=cfg.get('few_threshold', 20),
         long_tail={k: _fmt(v) for k, v in lt.items() if k not in ('counts', 'indices_hash')},
         indices_hash=lt.get('indices_hash'), papers=papers, pretrained_tag=tag,
