@@ -279,7 +279,7 @@ def minutes_per_epoch(run):
     for records in [ROOT / RECORDS] + archives:
         per_epoch = []
         for ev in sorted((records / run).glob('seed*/eval.json')):
-            took = json.loads(ev.read_text()).get('wall_time_s')
+            took = record_seconds(ev.parent)
             cfg = ev.parent / 'config.yaml'
             epochs = _yaml_epochs(cfg) if cfg.exists() else None
             if took is not None and epochs:
@@ -287,6 +287,21 @@ def minutes_per_epoch(run):
         if per_epoch:
             return statistics.median(per_epoch), len(per_epoch), records.relative_to(ROOT).as_posix()
     return None, 0, None
+
+
+def record_seconds(record: Path):
+    """Wall-clock seconds a recorded run took, over all its processes (None if unknown).
+
+    eval.json ``wall_time_s`` counts every process of a resumed run when the record carries
+    ``resumed_at_epoch``.  An older record counted only the last process, so it is raised to at least the
+    sum of its epochs' training times in metrics.jsonl (a resumed run's earlier epochs are only there)."""
+    ev = json.loads((record / 'eval.json').read_text())
+    took = ev.get('wall_time_s')
+    if 'resumed_at_epoch' in ev or not (record / 'metrics.jsonl').exists():
+        return took
+    rows = [json.loads(line) for line in (record / 'metrics.jsonl').read_text().splitlines() if line.strip()]
+    epochs = sum(r.get('time_s', 0.0) for r in rows)
+    return max(took or 0.0, epochs) or None
 
 
 def _yaml_epochs(path: Path):
@@ -375,7 +390,8 @@ def summarise(run, args) -> dict:
                 carried_over={s: e['carried_over_from'] for s, e in evs if e.get('carried_over_from')},
                 mean=mean(bal), std=sd(bal), **{g: mean(v) for g, v in groups.items()},
                 last_fifth_gain=mean(gains),
-                wall_time_s=mean([e.get('wall_time_s') for _, e in evs if e.get('wall_time_s') is not None]),
+                wall_time_s=mean([t for t in (record_seconds(ROOT / record_dir(run, s)) for s, _ in evs)
+                                  if t is not None]),
                 command=shlex.join(['python', 'train/train.py'] + command_argv_for_report(run)))
 
 

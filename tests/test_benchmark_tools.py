@@ -389,3 +389,21 @@ def test_runner_plan_prices_the_pairs_left_by_the_records_and_trains_nothing(tmp
     assert 'Estimated: 1.9 core-hours; no estimate for 2 pair(s) of rows never recorded: gcl_crt.' in out
     assert '`gcl` (benchmarks/results/v3_25_epochs/fmnist_lt_runs)' in out
     assert not (tmp_path / bench.RESULTS / 'fmnist_lt.md').exists()  # a plan writes no table
+
+
+def test_record_seconds_counts_every_process_of_a_resumed_run(tmp_path):
+    import json
+    bench = _load('fmnist_lt')
+    old, new = tmp_path / 'old', tmp_path / 'new'
+    for d, ev, times in ((old, {'wall_time_s': 300.0}, [600.0, 400.0]),  # written before resumed_at_epoch
+                         (new, {'wall_time_s': 1200.0, 'resumed_at_epoch': 1}, [650.0, 650.0])):
+        d.mkdir()
+        (d / 'eval.json').write_text(json.dumps(ev))
+        (d / 'metrics.jsonl').write_text(''.join(json.dumps({'epoch': i + 1, 'time_s': t}) + '\n'
+                                                 for i, t in enumerate(times)))
+    # the old record's wall_time_s saw only its last process: its epochs' own times (1000 s) are the floor
+    assert bench.record_seconds(old) == 1000.0
+    # a new record's wall_time_s already counts every process (it includes evaluation; time_s does not)
+    assert bench.record_seconds(new) == 1200.0
+    (old / 'metrics.jsonl').unlink()
+    assert bench.record_seconds(old) == 300.0

@@ -6,6 +6,7 @@ directories of the stage-2 tests, and the 2-epoch ce / cbn runs as the uninterru
 the resume tests.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import timm
 import lt_zoo  # noqa: F401  (registers the lt_zoo models with timm)
 from lt_zoo import data as ltdata
 from lt_zoo.export import export_model
+from lt_zoo.training import loop as loop_module
 from lt_zoo.training import trainer
 from lt_zoo.training.config import SCHEMA, load_config
 from lt_zoo.training.run_dir import RunDirBusyError
@@ -245,17 +248,27 @@ def test_stage2_method_runs_and_keeps_the_trunk(method, digits_run):
 # --------------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
 @pytest.mark.parametrize('method', ['ce', 'cbn'])
-def test_stop_and_resume_equals_uninterrupted_run(method, digits_run, tmp_path):
+def test_stop_and_resume_equals_uninterrupted_run(method, digits_run, tmp_path, monkeypatch):
     ref_dir, ref_argv, _ = digits_run(method)  # 2 epochs, uninterrupted, deterministic
     out = tmp_path / 'run'
     argv = argv_for(method, out)
+    # The first process's clock runs 1000 s per reading, so its epoch visibly took >= 1000 s.
+    ticks = itertools.count()
+    monkeypatch.setattr(loop_module, 'time', types.SimpleNamespace(time=lambda: 1000.0 * next(ticks)))
     assert train_main(argv + ['--stop_after_epoch', '1']) is None
+    monkeypatch.undo()
     assert [p.name for p in (out / 'checkpoints').iterdir()] == ['epoch_0001']
     assert not (out / 'model.safetensors').exists() and not (out / 'eval.json').exists()
     assert [r['epoch'] for r in read_metrics(out)] == [1]
+    earlier = json.loads((out / 'checkpoints' / 'epoch_0001' / 'trainer_state.json').read_text())['state']
+    assert earlier['epoch'] == 1 and earlier['elapsed_s'] >= 1000
 
     train_main(argv + ['--resume'])
     _assert_same_run(out, ref_dir)
+    # wall_time_s counts the first process's epoch too; the resumed process itself took well under 1000 s
+    ev, ref_ev = json.loads((out / 'eval.json').read_text()), json.loads((ref_dir / 'eval.json').read_text())
+    assert ev['resumed_at_epoch'] == 1 and ref_ev['resumed_at_epoch'] == 0
+    assert earlier['elapsed_s'] < ev['wall_time_s'] < earlier['elapsed_s'] + 1000
 
 
 def _assert_same_run(out, ref_dir):

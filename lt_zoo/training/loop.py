@@ -61,6 +61,8 @@ class StagePlan:
 class LoopResult:
     module: Optional[nn.Module]           # the trained module, unwrapped; None when stopped early
     final_eval: Optional[Dict[str, Any]]  # the evaluation of the last epoch; None when stopped early
+    resumed_at: int = 0                   # epochs done by earlier processes (0: not resumed)
+    earlier_s: float = 0.0                # their wall-clock seconds, up to the checkpoint resumed from
 
 
 def cbn_summary(network: nn.Module) -> Optional[Dict[str, Any]]:
@@ -83,12 +85,15 @@ def train_epochs(plan: StagePlan, *, accelerator, run_dir, epochs: int, log: Log
     if compile:
         (plan.module if plan.compiled is None else plan.compiled).compile()
     module, optimizer, scheduler = accelerator.prepare(plan.module, optimizer, scheduler)
-    start_epoch = 0
-    if resume_from is not None:
-        start_epoch = int(ckpt.load_checkpoint(accelerator, resume_from, model=module, optimizer=optimizer,
-                                               scheduler=scheduler)['epoch'])
-        accelerator.print(f'resumed from {resume_from} (epoch {start_epoch} done)')
+    start_epoch, earlier_s = 0, 0.0
     metrics_path = Path(run_dir) / 'metrics.jsonl'
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(accelerator, resume_from, model=module, optimizer=optimizer,
+                                     scheduler=scheduler)
+        start_epoch = int(state['epoch'])
+        earlier_s = float(state['elapsed_s']) if 'elapsed_s' in state else _epoch_seconds(metrics_path, start_epoch)
+        accelerator.print(f'resumed from {resume_from} (epoch {start_epoch} done)')
+    began = time.time()
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start_epoch)
     result = None
@@ -133,8 +138,19 @@ def train_epochs(plan: StagePlan, *, accelerator, run_dir, epochs: int, log: Log
                                    if isinstance(v, (int, float))))
         if log.save_checkpoints:
             ckpt.save_checkpoint(accelerator, run_dir, epoch + 1, model=module, optimizer=optimizer,
-                                 scheduler=scheduler, state={'epoch': epoch + 1}, keep=log.keep_checkpoints)
+                                 scheduler=scheduler, keep=log.keep_checkpoints,
+                                 state={'epoch': epoch + 1, 'elapsed_s': round(earlier_s + time.time() - began, 2)})
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < epochs:
             accelerator.print(f'stopping after epoch {epoch + 1} (stop_after_epoch); continue with --resume')
-            return LoopResult(None, None)
-    return LoopResult(accelerator.unwrap_model(module), result)
+            return LoopResult(None, None, start_epoch, earlier_s)
+    return LoopResult(accelerator.unwrap_model(module), result, start_epoch, earlier_s)
+
+
+def _epoch_seconds(metrics_path: Path, epochs: int) -> float:
+    """Training seconds of the first ``epochs`` epochs in ``metrics.jsonl`` (their ``time_s``): what a
+    checkpoint written before ``elapsed_s`` was stored in its state says of the time spent (a lower bound:
+    evaluation and checkpointing are not in ``time_s``)."""
+    if not metrics_path.exists():
+        return 0.0
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return float(sum(r.get('time_s', 0.0) for r in rows if r.get('epoch', 0) <= epochs))

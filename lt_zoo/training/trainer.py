@@ -151,14 +151,14 @@ def _train(cfg: Dict[str, Any], command: str) -> Tuple[Optional[dict], Optional[
     ctx = StageContext(cfg=c, accelerator=accelerator, model=model, loss_fn=loss_fn, train_dl=train_dl,
                        train_dl_local=train_dl_local, sampler=sampler, num_classes=num_classes)
     plan = STAGES[c.run.stage](ctx)
-    final = None
+    final, resumed_at, earlier_s = None, 0, 0.0
     if plan is not None:
         result = train_epochs(plan, accelerator=accelerator, run_dir=run_dir, epochs=c.optim.epochs, log=c.log,
                               test_dl=test_dl, counts=data['counts'], resume_from=resume_from,
                               stop_after_epoch=c.run.stop_after_epoch, compile=c.run.compile, progress=progress)
         if result.module is None:
             return None, None
-        final = result.final_eval
+        final, resumed_at, earlier_s = result.final_eval, result.resumed_at, result.earlier_s
         if ctx.finish is not None:  # the exported model differs from the evaluated one (LWS folded): evaluate it
             ctx.finish()
             final = None
@@ -171,8 +171,9 @@ def _train(cfg: Dict[str, Any], command: str) -> Tuple[Optional[dict], Optional[
         final.update(method=c.run.method, stage=c.run.stage, model=arch, dataset=c.data.dataset,
                      class_names=list(data['splits'].class_names), class_counts=data['counts'].tolist(),
                      long_tail=data['lt'], train_images=int(len(data['train'])),
-                     test_images=int(len(data['splits'].test)), wall_time_s=round(time.time() - start, 1),
-                     world_size=accelerator.num_processes, command=command)
+                     test_images=int(len(data['splits'].test)), world_size=accelerator.num_processes, command=command,
+                     # a resumed run counts its earlier processes' epochs too (checkpoint state elapsed_s)
+                     wall_time_s=round(time.time() - start + earlier_s, 1), resumed_at_epoch=resumed_at)
         with open(Path(run_dir) / 'eval.json', 'w') as f:
             json.dump(final, f, indent=2)
         plot_per_class_accuracy(final['per_class_acc'], data['counts'].tolist(),
