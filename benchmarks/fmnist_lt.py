@@ -463,8 +463,7 @@ def write_table(table, args, rows_by_run):
     # The table is a function of the committed records alone, so its command is the one that rebuilds it;
     # the per-row training commands follow the table.
     meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', python=platform.python_version(),
-                machine=platform.machine(), cpu_count=os.cpu_count(), jobs=args.jobs, threads_per_job=args.threads,
-                command=REPORT_COMMAND, trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
+                machine=platform.machine(), cpu_count=os.cpu_count(), command=REPORT_COMMAND, trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
     (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
                                                  if r['std'] is not None else f"{100 * r['mean']:.2f}")
@@ -475,8 +474,9 @@ def write_table(table, args, rows_by_run):
                         f'{PROTOCOL_EPOCHS} epochs (the plateau check)'}[table]
     lines = [f'# {title}', '',
              f"Protocol: `{meta['protocol']}`; balanced accuracy (%) on the balanced 10,000-image test set, mean ± "
-             f"sample std over seeds; many/medium/few are seed means. Produced by `{meta['command']}` on "
-             f"{meta['cpu_count']} CPU cores ({meta['jobs']} runs at a time, {meta['threads_per_job']} thread(s) each).",
+             f"sample std over seeds; many/medium/few are seed means. Produced by `{meta['command']}` from the "
+             f"committed records in `{RECORDS.as_posix()}/` (each record's eval.json has its command and wall "
+             f"time; a {meta['cpu_count']}-core CPU).",
              'Gain (last 20%): balanced accuracy added over the last fifth of the epochs (seed mean; the '
              'protocol asks < 0.5 points for CE and Balanced Softmax).',
              '', '| id | row | seeds | balanced acc | per seed | many | medium | few | ECE | gain (last 20%) |'
