@@ -242,21 +242,33 @@ def training_order(pairs) -> list:
 
 
 def schedule(args, pairs, fps):
-    """Run the missing (run, seed) pairs in training_order; stage-2 pairs after their stage 1."""
+    """Run the missing (run, seed) pairs in training_order; stage-2 pairs after their stage 1.
+
+    A pair whose run directory another live process trains (a second runner: its lock,
+    ``run_dir_holder``) is skipped, and so is a stage-2 pair whose stage 1 is; the next invocation
+    records or resumes them.  Returns the failed pairs."""
+    from lt_zoo.training.run_dir import run_dir_holder
     log_dir = ROOT / args.runs / 'logs'
     log_dir.mkdir(parents=True, exist_ok=True)
     done = {p: threading.Event() for p in pairs}
-    failed = []
+    failed, skipped = [], []
 
     def work(pair):
         run, seed = pair
         stage1 = RUNS[run][3]
         if stage1 is not None and (stage1, seed) in done:
             done[(stage1, seed)].wait()
-            if (stage1, seed) in failed:
-                failed.append(pair)
+            if (stage1, seed) in failed + skipped:
+                (failed if (stage1, seed) in failed else skipped).append(pair)
                 done[pair].set()
                 return
+        holder = run_dir_holder(ROOT / run_dir(args, run, seed))
+        if holder is not None:
+            print(f'{run} seed {seed}: skipped, process {holder} is training it; run again when it ends',
+                  flush=True)
+            skipped.append(pair)
+            done[pair].set()
+            return
         try:
             train_one(args, run, seed, fps[pair], log_dir)
         except Exception as err:  # keep the other runs going; report at the end
@@ -266,6 +278,8 @@ def schedule(args, pairs, fps):
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(work, training_order(pairs)))
+    if skipped:
+        print(f'skipped (trained by another process): {skipped}', flush=True)
     return failed
 
 
@@ -321,7 +335,9 @@ def plan(args, todo, foreign) -> str:
 
     A pair's estimate is its row's minutes per epoch (minutes_per_epoch: this protocol's records, else an
     archived protocol's, marked) times the epochs a resume still has to train.  The records' wall times
-    are what they were: 1 thread each with ``--threads 1``, slower when the machine was shared."""
+    are what they were: 1 thread each with ``--threads 1``, slower when the machine was shared.  A pair
+    that a live process trains now (another runner) says so; this runner would skip it."""
+    from lt_zoo.training.run_dir import run_dir_holder
     lines = [f'{len(todo)} (run, seed) pairs to train, in this order ({args.jobs} at a time, {args.threads} '
              f'thread(s) each):', '',
              '| row | seed | minutes per epoch (recorded seeds) | resumes at epoch | estimate, minutes |',
@@ -342,7 +358,9 @@ def plan(args, todo, foreign) -> str:
                 archived[run] = source
                 mark = ' *'
             cells = [f'{per_epoch:.2f} ({n}){mark}', f'{left:.0f}']
-        lines.append(f'| `{run}` | {seed} | {cells[0]} | {done} of {epochs} | {cells[1]} |')
+        holder = run_dir_holder(ROOT / run_dir(args, run, seed))
+        now = f' (training now: process {holder})' if holder is not None else ''
+        lines.append(f'| `{run}` | {seed} | {cells[0]} | {done} of {epochs}{now} | {cells[1]} |')
     lines += ['', f'Estimated: {known / 60:.1f} core-hours'
               + (f'; no estimate for {len(unknown)} pair(s) of rows never recorded: '
                  f'{", ".join(dict.fromkeys(unknown))}' if unknown else '') + '.']

@@ -1,6 +1,7 @@
 """The measuring code of benchmarks/: the CBN layer diagnosis, the benchmark runner (fingerprints, run
 directories, targets), carry_over and cbn_budget."""
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -377,10 +378,12 @@ def test_runner_plan_prices_the_pairs_left_by_the_records_and_trains_nothing(tmp
     (resumed / 'checkpoints' / '.tmp_epoch_0011').mkdir()  # an unfinished write is not a checkpoint
     (resumed / 'config.yaml').write_text(yaml.safe_dump(bench.resolved_config('ce', 1, args)))
     monkeypatch.setattr(bench, 'schedule', lambda *a: pytest.fail('--plan trained'))
-    bench.main(['--plan', '--runs_only', 'ce', 'gcl', 'gcl_crt', '--seeds', '0', '1', '--tables', 'fmnist_lt'])
+    from lt_zoo.training.run_dir import run_dir_lock
+    with run_dir_lock(str(tmp_path / bench.run_dir(args, 'gcl', 0))):  # another runner trains gcl seed 0 now
+        bench.main(['--plan', '--runs_only', 'ce', 'gcl', 'gcl_crt', '--seeds', '0', '1', '--tables', 'fmnist_lt'])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith('| `')]
-    assert rows == ['| `gcl` | 0 | 1.00 (1) * | 0 of 50 | 50 |',
+    assert rows == [f'| `gcl` | 0 | 1.00 (1) * | 0 of 50 (training now: process {os.getpid()}) | 50 |',
                     '| `gcl_crt` | 0 | ? (0) | 0 of 5 | ? |',
                     '| `ce` | 1 | 0.40 (1) | 10 of 50 | 16 |',  # table order within a seed, stage 2 last
                     '| `gcl` | 1 | 1.00 (1) * | 0 of 50 | 50 |',
@@ -407,3 +410,20 @@ def test_record_seconds_counts_every_process_of_a_resumed_run(tmp_path):
     assert bench.record_seconds(new) == 1200.0
     (old / 'metrics.jsonl').unlink()
     assert bench.record_seconds(old) == 300.0
+
+
+def test_runner_skips_pairs_another_process_trains_and_their_stage_2(tmp_path, monkeypatch, capsys):
+    bench = _load('fmnist_lt')
+    args = _protocol_tree(tmp_path, bench, monkeypatch)
+    args.jobs = 1
+    trained = []
+    monkeypatch.setattr(bench, 'train_one', lambda a, run, seed, fp, log: trained.append((run, seed)))
+    from lt_zoo.training.run_dir import run_dir_lock
+    pairs = [('gcl', 0), ('gcl_crt', 0), ('gcl', 1), ('gcl_crt', 1), ('ce', 0)]
+    with run_dir_lock(str(tmp_path / bench.run_dir(args, 'gcl', 0))):
+        failed = bench.schedule(args, pairs, {p: 'fp' for p in pairs})
+    assert failed == []
+    assert trained == [('ce', 0), ('gcl', 1), ('gcl_crt', 1)]  # gcl seed 0 and its stage 2 left alone
+    out = capsys.readouterr().out
+    assert f'gcl seed 0: skipped, process {os.getpid()} is training it' in out
+    assert "skipped (trained by another process): [('gcl', 0), ('gcl_crt', 0)]" in out

@@ -149,3 +149,35 @@ def test_run_dir_lock_refuses_a_second_writer_and_is_released_on_exit(tmp_path):
     with run_dir_lock(str(run)):  # released when the holder left
         pass
     assert not run.exists()  # the lock lives beside the run directory, which it never creates
+
+
+def test_run_dir_holder_names_the_live_process_holding_the_lock(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from lt_zoo.training.run_dir import run_dir_holder, run_dir_lock
+    run = tmp_path / 'runs' / 'ce'
+    assert run_dir_holder(str(run)) is None  # never locked: no lock file
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys\nfrom lt_zoo.training.run_dir import run_dir_lock\n'
+                               f'with run_dir_lock({str(run)!r}):\n    print("held", flush=True)\n    sys.stdin.read()'],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        assert run_dir_holder(str(run)) == holder.pid
+        assert run_dir_holder(str(tmp_path / 'runs' / 'other')) is None
+        assert run_dir_holder(str(run), locks=str(tmp_path / 'no_lock_table')) is None  # not Linux
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+    assert run_dir_holder(str(run)) is None  # the lock file stays, the lock went with its holder
+    with run_dir_lock(str(run)):  # and asking took no lock: the directory is free to train
+        assert run_dir_holder(str(run)) == os.getpid()
+    # the table's other lines: another file, and a waiter ("->") on this one, are not holders
+    st = (tmp_path / 'runs' / '.ce.lock').stat()
+    here = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+    table = tmp_path / 'locks'
+    table.write_text(f'1: FLOCK  ADVISORY  WRITE 11 00:00:{st.st_ino + 1} 0 EOF\n'
+                     f'1: -> FLOCK  ADVISORY  WRITE 12 {here} 0 EOF\n')
+    assert run_dir_holder(str(run), locks=str(table)) is None
+    table.write_text(table.read_text() + f'2: FLOCK  ADVISORY  WRITE 13 {here} 0 EOF\n')
+    assert run_dir_holder(str(run), locks=str(table)) == 13

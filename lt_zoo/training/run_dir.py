@@ -24,7 +24,7 @@ except ImportError:  # Windows: no advisory locks; two trainings into one direct
     fcntl = None
 
 __all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'truncate_metrics', 'run_dir_lock',
-           'RunDirBusyError', 'CHECKPOINTS']
+           'run_dir_holder', 'RunDirBusyError', 'CHECKPOINTS']
 
 CHECKPOINTS = 'checkpoints'
 _CKPT = re.compile(r'^epoch_(\d{4,})$')
@@ -61,9 +61,8 @@ def run_dir_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
     if not enabled or fcntl is None:
         yield
         return
-    path = Path(run_dir).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.parent / f'.{path.name}.lock'
+    lock = _lock_path(run_dir)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -78,6 +77,29 @@ def run_dir_lock(run_dir: str, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock_path(run_dir: str) -> Path:
+    path = Path(run_dir).absolute()
+    return path.parent / f'.{path.name}.lock'
+
+
+def run_dir_holder(run_dir: str, locks: str = '/proc/locks') -> Optional[int]:
+    """The pid of the live process that holds ``run_dir``'s lock (:func:`run_dir_lock`), else None.
+
+    Read from the kernel's lock table (Linux ``/proc/locks``), so asking takes no lock and never makes a
+    training that starts at that moment fail as busy.  None where the table is not readable (not Linux)."""
+    try:
+        st = _lock_path(run_dir).stat()
+        table = Path(locks).read_text()
+    except OSError:
+        return None
+    # a line: "1: FLOCK  ADVISORY  WRITE 23768 fe:00:5743326 0 EOF" (waiters carry a "->" before FLOCK)
+    where = f'{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}'
+    for fields in (line.split() for line in table.splitlines()):
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == where:
+            return int(fields[4])
+    return None
 
 
 def prepare_run_dir(run_dir: str, *, resume: Optional[str], overwrite: bool) -> None:
