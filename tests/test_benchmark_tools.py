@@ -46,6 +46,21 @@ def test_fisher_ratio_weights_classes_equally_and_is_affine_invariant():
     assert diag.fisher_ratio(z, y, 2) == pytest.approx(float(np.mean(ref)), rel=1e-10)
 
 
+def test_nmi_object_closed_forms():
+    # components that follow object/background exactly: I(k; f) = H(k), NMI 1
+    assert diag.nmi_binary(torch.tensor([[30.0, 0.0], [0.0, 70.0]], dtype=torch.float64)) == pytest.approx(1.0)
+    # independent of it: the joint is the product of its marginals, NMI 0
+    pf, pk = torch.tensor([0.3, 0.7], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    assert diag.nmi_binary(500 * pf[:, None] * pk[None]) == pytest.approx(0.0, abs=1e-12)
+    # in general: sum p log p / (p_f p_k) over the joint, divided by H(k)
+    sums = np.array([[12.0, 3.0, 5.0], [1.0, 9.0, 20.0]])
+    joint = sums / sums.sum()
+    mi = sum(joint[f, k] * np.log(joint[f, k] / (joint[f].sum() * joint[:, k].sum()))
+             for f in range(2) for k in range(3))
+    h_k = -sum(q * np.log(q) for q in joint.sum(0))
+    assert diag.nmi_binary(torch.from_numpy(sums)) == pytest.approx(mi / h_k, rel=1e-12)
+
+
 def test_runner_fingerprint_carries_the_protocol_version(monkeypatch):
     bench = _load('fmnist_lt')
     cfg = {'epochs': 25, 'lr': 0.1, 'output_dir': 'runs/x'}
