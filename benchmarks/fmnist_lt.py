@@ -481,7 +481,8 @@ def write_table(table, args, rows_by_run):
     # The table is a function of the committed records alone, so its command is the one that rebuilds it;
     # the per-row training commands follow the table.
     meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', python=platform.python_version(),
-                machine=platform.machine(), cpu_count=os.cpu_count(), command=REPORT_COMMAND, trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
+                machine=platform.machine(), cpu_count=os.cpu_count(), command=REPORT_COMMAND,
+                trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
     (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
                                                  if r['std'] is not None else f"{100 * r['mean']:.2f}")
