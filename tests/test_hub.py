@@ -628,6 +628,20 @@ def test_card_shows_the_benchmark_row_across_seeds(seed1_run):
     assert without == text.replace(BENCH_SECTION, '## Usage\n')  # the section is the only difference
 
 
+def test_card_compares_the_row_with_every_row_of_its_table(seed1_run):
+    others = [dict(method='ce', label='CE', seeds=[0, 1, 2], mean=0.85631, std=0.00502),
+              {k: BENCH_ROW[k] for k in ('method', 'label', 'seeds', 'mean', 'std')},
+              dict(method='nbn', label='NBN | CE', seeds=[0], mean=0.8633, std=None)]
+    text = _card(seed1_run, benchmark=dict(BENCH_ROW, table_rows=others))
+    section = text[text.index('## Benchmark across seeds'):text.index('## Usage')]
+    assert ('| row | method | seeds | balanced accuracy % |\n|---|---|---|---|\n'
+            '| `ce` | CE | 3 | 85.63 ± 0.50 |\n'
+            '| **`cbn`** | + dual-path learning (DPL) = CBN | 3 | 80.80 ± 0.76 |\n'
+            '| `nbn` | NBN \\| CE | 1 | 86.33 |\n\nFrom `benchmarks/results/fmnist_lt.md`') in section
+    # without the table's rows (an older caller) the section is the row alone
+    assert BENCH_SECTION in _card(seed1_run, benchmark=BENCH_ROW)
+
+
 def test_benchmark_row_with_one_seed_shows_the_mean_only(seed1_run):
     row = dict(BENCH_ROW, seeds=[1], balanced_acc_per_seed=[0.8129], mean=0.8129, std=None, many=None, medium=None)
     text = _card(seed1_run, benchmark=row)
@@ -658,14 +672,17 @@ def _write_table(folder: Path) -> Path:
 def test_card_command_takes_a_benchmark_table(seed1_run, tmp_path, capsys):
     from lt_zoo.hub import benchmark_row
     table = _write_table(tmp_path)
-    assert benchmark_row(str(table), 'cbn') == dict(BENCH_ROW, table=str(table))  # meta command, JSON path
+    listed = [{k: BENCH_ROW[k] for k in ('method', 'label', 'seeds', 'mean', 'std')}]  # ldam_drw: no seed yet
+    assert benchmark_row(str(table), 'cbn') == dict(BENCH_ROW, table=str(table), table_rows=listed)  # JSON path
     (tmp_path / 'fmnist_lt.md').write_text('| id | ... |\n')
     assert benchmark_row(str(table), 'cbn')['table'] == str(tmp_path / 'fmnist_lt.md')  # the readable table
     assert benchmark_row(str(table), 'ldam_drw') is None and benchmark_row(str(table), 'gcl') is None
     out = tmp_path / 'card.md'
     argv = ['card', str(seed1_run), '--repo-id', REPO_ID, '--out', str(out), '--benchmark', str(table)]
     assert hub_main(argv + ['--benchmark-row', 'cbn']) == 0
-    assert BENCH_SECTION.replace('benchmarks/results/fmnist_lt.md', str(tmp_path / 'fmnist_lt.md')) in out.read_text()
+    text = out.read_text()
+    assert '| **`cbn`** | + dual-path learning (DPL) = CBN | 3 | 80.80 ± 0.76 |\n\nFrom `' in text
+    assert '`ldam_drw`' not in text
     capsys.readouterr()
     assert hub_main(argv + ['--benchmark-row', 'ldam_drw']) == 2
     assert "has no finished seed of row 'ldam_drw'" in capsys.readouterr().err
@@ -696,7 +713,10 @@ def test_render_all_passes_each_tag_its_benchmark_row():
         if want is None or not want['seeds']:
             assert row is None, tag
         else:
-            assert row == dict(want, table='benchmarks/results/fmnist_lt.md', command=table['meta']['command']), tag
+            listed = [{k: r[k] for k in ('method', 'label', 'seeds', 'mean', 'std')} for r in table['results']
+                      if r['seeds']]
+            assert row == dict(want, table='benchmarks/results/fmnist_lt.md', command=table['meta']['command'],
+                               table_rows=listed), tag
 
 
 def test_refreshing_the_benchmark_section_rewrites_that_section_only(seed1_run, tmp_path):

@@ -181,9 +181,10 @@ def benchmark_row(table_path: str, row_id: str) -> Optional[Dict[str, Any]]:
     """Row ``row_id`` of a benchmark seed table (benchmarks/fmnist_lt.py's ``<table>.json``) for a card.
 
     Returns the row plus ``table`` (the table's Markdown file next to the JSON when there is one, else the
-    JSON; relative to this checkout when inside it) and ``command`` (the table's ``meta.command``, which
-    replaces the row's per-seed training command), or None when the table has no such row or the row has
-    no finished seed yet.
+    JSON; relative to this checkout when inside it), ``command`` (the table's ``meta.command``, which
+    replaces the row's per-seed training command) and ``table_rows`` (every row of the table with a
+    finished seed: method, label, seeds, mean, std; what the card compares the row with), or None when the
+    table has no such row or the row has no finished seed yet.
     """
     path = Path(table_path)
     try:
@@ -202,7 +203,10 @@ def benchmark_row(table_path: str, row_id: str) -> Optional[Dict[str, Any]]:
     if row is None or not row.get('seeds'):
         return None
     shown = path.with_suffix('.md') if path.with_suffix('.md').is_file() else path
-    return dict(row, table=_repo_relative_text(os.path.abspath(shown)), command=table['meta']['command'])
+    others = [{k: r.get(k) for k in ('method', 'label', 'seeds', 'mean', 'std')} for r in table['results']
+              if isinstance(r, dict) and r.get('seeds') and r.get('mean') is not None]
+    return dict(row, table=_repo_relative_text(os.path.abspath(shown)), command=table['meta']['command'],
+                table_rows=others)
 
 
 def _pct(v: float) -> str:
@@ -244,7 +248,11 @@ def _across_seeds(benchmark: Dict[str, Any], seed, run_value: float, where: str)
             ('balanced accuracy % per seed', ', '.join(_pct(v) for v in values))]
     rows += [(f'{group}-shot accuracy %, mean over seeds', _pct(benchmark[group]))
              for group in ('many', 'medium', 'few') if benchmark.get(group) is not None]
-    return dict(row=row_id, label=benchmark.get('label'), seed=seed, rows=rows,
+    compared = [(f"**`{r['method']}`**" if r['method'] == row_id else f"`{r['method']}`",
+                 _escape(r.get('label') or ''), str(len(r['seeds'])),
+                 _pct(r['mean']) + (f" ± {_pct(r['std'])}" if r.get('std') is not None else ''))
+                for r in benchmark.get('table_rows') or []]
+    return dict(row=row_id, label=benchmark.get('label'), seed=seed, rows=rows, compared=compared,
                 table=_repo_relative_text(str(benchmark['table'])),
                 command=_repo_relative_text(str(benchmark['command'])))
 
@@ -259,9 +267,15 @@ def benchmark_section(context: Optional[Dict[str, Any]]) -> str:
         return ''
     label = f' ("{context["label"]}")' if context.get('label') else ''
     rows = ''.join(f'| {name} | {value} |\n' for name, value in context['rows'])
+    compared = ''
+    if context.get('compared'):
+        compared = ("Every row of the same table with a finished seed, this one in bold (same data, protocol and "
+                    "test split; differences within about the rows' std are seed noise):\n\n"
+                    "| row | method | seeds | balanced accuracy % |\n|---|---|---|---|\n"
+                    + ''.join(f'| {" | ".join(r)} |\n' for r in context['compared']) + '\n')
     return (f"{_SECTION_HEADING}\nThis checkpoint is seed {context['seed']} of the benchmark row `{context['row']}`"
             f"{label}, which trains the same recipe once per seed (balanced test split):\n\n"
-            f"| across seeds | value |\n|---|---|\n{rows}\n"
+            f"| across seeds | value |\n|---|---|\n{rows}\n{compared}"
             f"From `{context['table']}`, produced by `{context['command']}`.\n\n")
 
 
