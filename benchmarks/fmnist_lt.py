@@ -69,8 +69,8 @@ RUNS = {
     # GCL at a short budget: the official recipe keeps mixup (alpha 1) on for 200 epochs; these rows
     # separate the cost of mixup from the cost of the Gaussian clouds
     'ce_mixup': ('CE + mixup (alpha 1)', 'ce.yaml', {'mixup_alpha': 1.0}, None),
-    'gcl_nomix': ('GCL stage 1 without mixup', 'gcl.yaml', {'mixup_alpha': 0.0}, None),
-    'gcl_nomix_crt': ('GCL without mixup + cRT (CBEN)', 'gcl_crt.yaml', {}, 'gcl_nomix'),
+    'gcl_nomix': ('GCL stage 1 without mixup', 'variants/gcl_nomix.yaml', {}, None),
+    'gcl_nomix_crt': ('GCL without mixup + cRT (CBEN)', 'variants/gcl_nomix_crt.yaml', {}, 'gcl_nomix'),
     # CBN ablation, Table 2 of Cheng et al.: each row adds one part to the one above
     'bs_aa': ('BS + AutoAugment', 'balanced_softmax.yaml', _AA, None),
     'bs_aa_cbn': ('+ CBN', 'balanced_softmax.yaml', dict(_AA, model='resnet32_cbn'), None),
@@ -101,7 +101,8 @@ NOT_ROWS = {
         '(benchmarks/results/v3_25_epochs/cbn_ablation.md)',
 }
 TABLES = {
-    'fmnist_lt': ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'nbn', 'cbn', 'fsa', 'ce_balanced'],
+    'fmnist_lt': ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'gcl_nomix_crt', 'nbn', 'cbn', 'fsa',
+                  'ce_balanced'],
     'cbn_ablation': ['balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4',
                      'cbn_t_channels', 'cbn_dpl_once'],
     'gcl_diagnosis': ['ce', 'ce_mixup', 'gcl', 'gcl_nomix', 'gcl_crt', 'gcl_nomix_crt'],

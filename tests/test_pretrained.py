@@ -23,6 +23,7 @@ from lt_zoo.export import export_model
 from lt_zoo.layers.cosine_classifier import CosineClassifier
 from lt_zoo.models import pretrained_tags
 from lt_zoo.models.pretrained_tags import HF_ORG, PRETRAINED_TAGS, SOURCE_ROWS, SOURCE_RUNS
+from lt_zoo.training.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHED_TAGS = ('resnet32_cbn.fmnist_lt', 'resnet32_gcl.fmnist_lt')  # a CBN model and a cosine-head model
@@ -137,8 +138,10 @@ def test_source_runs_match_the_benchmark_configs():
         _, config, overrides, stage1 = runs[row]
         assert run == f'runs/bench/{row}/seed0' and overrides == {}, (name, run)
         assert pretrained_tags._STAGE1_ROWS.get(row) == stage1, row  # what the train-locally message names
-        cfg = yaml.safe_load((configs / config).read_text())
-        model = cfg.get('model') or yaml.safe_load((configs / runs[stage1][1]).read_text())['model']
+        for r in (row, stage1) if stage1 else (row,):  # and the configs it names are the benchmark's
+            assert pretrained_tags._row_config(r) == f'train/configs/fmnist_lt/{runs[r][1]}', r
+        trained = runs[stage1][1] if stage1 is not None else config  # a stage-2 tag's network is its stage 1's
+        model = load_config(['--config', str(configs / trained)])['model']  # bases resolved
         assert model == name.split('.')[0], (name, run)
 
 
@@ -163,6 +166,20 @@ def test_unpublished_tag_says_so_and_how_to_train_it(offline, name):
         assert stage1 in text
     assert f"timm.create_model('local-dir:{run}', pretrained=True)" in text
     assert f"python -m lt_zoo.hub push {run} --repo-id {PRETRAINED_TAGS[name]['hf_hub_id']}" in text
+
+
+def test_a_variant_row_names_its_variant_configs():
+    text = pretrained_tags._train_locally('resnet32_gcl.fmnist_lt_nomix')
+    first = ('python train/train.py --config train/configs/fmnist_lt/variants/gcl_nomix.yaml --seed 0 '
+             '--output_dir runs/bench/gcl_nomix/seed0')
+    second = ('python train/train.py --config train/configs/fmnist_lt/variants/gcl_nomix_crt.yaml --seed 0 '
+              '--output_dir runs/bench/gcl_nomix_crt/seed0 --stage1_dir runs/bench/gcl_nomix/seed0')
+    assert f'`{first}`, then `{second}`' in text
+    # the configs it names exist and say what the row is: stage 1 without mixup, stage 2 cRT on it
+    stage1 = load_config(['--config', str(REPO_ROOT / 'train/configs/fmnist_lt/variants/gcl_nomix.yaml')])
+    stage2 = load_config(['--config', str(REPO_ROOT / 'train/configs/fmnist_lt/variants/gcl_nomix_crt.yaml')])
+    assert stage1['mixup_alpha'] == 0.0 and stage1['model'] == 'resnet32_gcl' and stage1['stage'] == 'stage1'
+    assert stage2['stage'] == 'crt' and stage2['stage1_dir'] == stage1['output_dir']
 
 
 @pytest.mark.parametrize('name', CACHED_TAGS)

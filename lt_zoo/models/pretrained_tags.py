@@ -86,6 +86,9 @@ PRETRAINED_TAGS: Dict[str, Dict[str, Any]] = {
         'resnet32_gcl.fmnist_lt_ldam', 'ResNet-32 cosine head, LDAM-DRW, Fashion-MNIST-LT (IF 100)', _LDAM),
     'resnet32_gcl.fmnist_lt': _tag(
         'resnet32_gcl.fmnist_lt', 'ResNet-32 cosine head, GCL stage 1 + cRT, Fashion-MNIST-LT (IF 100)', _GCL),
+    'resnet32_gcl.fmnist_lt_nomix': _tag(
+        'resnet32_gcl.fmnist_lt_nomix', 'ResNet-32 cosine head, GCL stage 1 without mixup + cRT, Fashion-MNIST-LT '
+                                        '(IF 100)', _GCL),
     'resnet32_nbn.fmnist_lt': _tag(
         'resnet32_nbn.fmnist_lt', 'ResNet-32 with Normalized BN, cross-entropy, Fashion-MNIST-LT (IF 100)', _NBN),
     'resnet32_cbn.fmnist_lt': _tag(
@@ -104,6 +107,7 @@ SOURCE_RUNS: Dict[str, str] = {
     'resnet32.fmnist_lt_bs': 'runs/bench/balanced_softmax/seed0',
     'resnet32_gcl.fmnist_lt_ldam': 'runs/bench/ldam_drw/seed0',
     'resnet32_gcl.fmnist_lt': 'runs/bench/gcl_crt/seed0',
+    'resnet32_gcl.fmnist_lt_nomix': 'runs/bench/gcl_nomix_crt/seed0',
     'resnet32_nbn.fmnist_lt': 'runs/bench/nbn/seed0',
     'resnet32_cbn.fmnist_lt': 'runs/bench/cbn/seed0',
     'resnet32.fmnist_lt_fsa': 'runs/bench/fsa/seed0',
@@ -115,13 +119,21 @@ SOURCE_ROWS: Dict[str, str] = {
     'resnet32.fmnist_lt_bs': 'balanced_softmax',
     'resnet32_gcl.fmnist_lt_ldam': 'ldam_drw',
     'resnet32_gcl.fmnist_lt': 'gcl_crt',
+    'resnet32_gcl.fmnist_lt_nomix': 'gcl_nomix_crt',
     'resnet32_nbn.fmnist_lt': 'nbn',
     'resnet32_cbn.fmnist_lt': 'cbn',
     'resnet32.fmnist_lt_fsa': 'fsa',
 }
 # The benchmark's seed table and the stage-1 row id of each stage-2 row above (benchmarks/fmnist_lt.py RUNS).
 BENCHMARK_TABLE = 'benchmarks/results/fmnist_lt.json'
-_STAGE1_ROWS = {'gcl_crt': 'gcl', 'fsa': 'ce'}
+_STAGE1_ROWS = {'gcl_crt': 'gcl', 'gcl_nomix_crt': 'gcl_nomix', 'fsa': 'ce'}
+# Rows trained with a variant of a method's recipe (train/configs/fmnist_lt/variants/); any other row's
+# config is train/configs/fmnist_lt/<row>.yaml (benchmarks/fmnist_lt.py RUNS, checked by a test).
+_ROW_CONFIGS = {'gcl_nomix': 'variants/gcl_nomix.yaml', 'gcl_nomix_crt': 'variants/gcl_nomix_crt.yaml'}
+
+
+def _row_config(row: str) -> str:
+    return 'train/configs/fmnist_lt/' + _ROW_CONFIGS.get(row, f'{row}.yaml')
 
 # Depth -> timm's default ImageNet tag of that depth (timm 1.0 timm/models/resnet.py default_cfgs: the first
 # tag of each depth; a test checks them against the installed timm).  The converted lt_zoo tag has its name.
@@ -199,13 +211,13 @@ def _train_locally(name: str) -> str:
     if run is None or row is None:
         return ''
     seed = run.rsplit('seed', 1)[-1]
-    argv = f"--config train/configs/fmnist_lt/{row}.yaml --seed {seed} --output_dir {run}"
+    argv = f"--config {_row_config(row)} --seed {seed} --output_dir {run}"
     stage1 = _STAGE1_ROWS.get(row)
     first = ''
     if stage1:
         stage1_dir = run.replace(f'/{row}/', f'/{stage1}/')
         argv += f" --stage1_dir {stage1_dir}"
-        first = (f"python train/train.py --config train/configs/fmnist_lt/{stage1}.yaml --seed {seed} "
+        first = (f"python train/train.py --config {_row_config(stage1)} --seed {seed} "
                  f"--output_dir {stage1_dir}`, then `")
     return (f" Train it locally as the benchmark does (seed {seed}): `{first}python train/train.py {argv}`, then "
             f"load it with timm.create_model('local-dir:{run}', pretrained=True).")
