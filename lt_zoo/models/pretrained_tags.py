@@ -135,6 +135,7 @@ _ROW_CONFIGS = {'gcl_nomix': 'variants/gcl_nomix.yaml', 'gcl_nomix_crt': 'varian
 def _row_config(row: str) -> str:
     return 'train/configs/fmnist_lt/' + _ROW_CONFIGS.get(row, f'{row}.yaml')
 
+
 # Depth -> timm's default ImageNet tag of that depth (timm 1.0 timm/models/resnet.py default_cfgs: the first
 # tag of each depth; a test checks them against the installed timm).  The converted lt_zoo tag has its name.
 TIMM_SOURCE_TAGS: Dict[str, str] = {
