@@ -314,8 +314,8 @@ def record_seconds(record: Path):
     took = ev.get('wall_time_s')
     if 'resumed_at_epoch' in ev or not (record / 'metrics.jsonl').exists():
         return took
-    rows = [json.loads(line) for line in (record / 'metrics.jsonl').read_text().splitlines() if line.strip()]
-    epochs = sum(r.get('time_s', 0.0) for r in rows)
+    from lt_zoo.training.run_dir import read_metrics
+    epochs = sum(r.get('time_s', 0.0) for r in read_metrics(record / 'metrics.jsonl'))
     return max(took or 0.0, epochs) or None
 
 
@@ -426,10 +426,8 @@ def last_fifth_gain(run, seed):
 
 def eval_curve(run, seed):
     """{epoch: balanced accuracy} of a recorded (run, seed) pair's evaluations."""
-    path = ROOT / record_dir(run, seed) / 'metrics.jsonl'
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from lt_zoo.training.run_dir import read_metrics
+    rows = read_metrics(ROOT / record_dir(run, seed) / 'metrics.jsonl')
     return {r['epoch']: r['test_balanced_acc'] for r in rows if r.get('test_balanced_acc') is not None}
 
 

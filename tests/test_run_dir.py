@@ -29,6 +29,18 @@ def test_truncate_metrics_drops_a_half_written_last_line(tmp_path):
     assert _records(path) == [1, 2]
 
 
+def test_time_before_a_resume_is_read_past_a_half_written_last_line(tmp_path):
+    """A checkpoint without elapsed_s takes the earlier epochs' time from metrics.jsonl, which a kill may
+    have left with a cut last line; it is read before the resume truncates the file."""
+    from lt_zoo.training.loop import _epoch_seconds
+    from lt_zoo.training.run_dir import read_metrics
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text(''.join(json.dumps({'epoch': e, 'time_s': 10.0 * e}) + '\n' for e in (1, 2, 3)) + '{"epoch": 4, "ti')
+    assert [r['epoch'] for r in read_metrics(path)] == [1, 2, 3]
+    assert _epoch_seconds(path, 2) == 30.0 and _epoch_seconds(path, 3) == 60.0
+    assert read_metrics(tmp_path / 'absent.jsonl') == [] and _epoch_seconds(tmp_path / 'absent.jsonl', 2) == 0.0
+
+
 def test_truncate_metrics_names_a_corrupt_line(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     text = json.dumps({'epoch': 1}) + '\nnot json\n' + json.dumps({'epoch': 2}) + '\n'

@@ -21,7 +21,7 @@ from ..layers.compound_bn import cbn_statistics
 from . import checkpoint as ckpt
 from .config import LogConfig, OptimConfig
 from .evaluation import evaluate_model
-from .run_dir import truncate_metrics
+from .run_dir import read_metrics, truncate_metrics
 from .schedule import make_optimizer
 
 __all__ = ['StagePlan', 'LoopResult', 'train_epochs', 'cbn_summary']
@@ -150,7 +150,4 @@ def _epoch_seconds(metrics_path: Path, epochs: int) -> float:
     """Training seconds of the first ``epochs`` epochs in ``metrics.jsonl`` (their ``time_s``): what a
     checkpoint written before ``elapsed_s`` was stored in its state says of the time spent (a lower bound:
     evaluation and checkpointing are not in ``time_s``)."""
-    if not metrics_path.exists():
-        return 0.0
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return float(sum(r.get('time_s', 0.0) for r in rows if r.get('epoch', 0) <= epochs))
+    return float(sum(r.get('time_s', 0.0) for r in read_metrics(metrics_path) if r['epoch'] <= epochs))

@@ -23,8 +23,8 @@ try:
 except ImportError:  # Windows: no advisory locks; two trainings into one directory are not detected
     fcntl = None
 
-__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'truncate_metrics', 'run_dir_lock',
-           'run_dir_holder', 'RunDirBusyError', 'CHECKPOINTS']
+__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'read_metrics', 'truncate_metrics',
+           'run_dir_lock', 'run_dir_holder', 'RunDirBusyError', 'CHECKPOINTS']
 
 CHECKPOINTS = 'checkpoints'
 _CKPT = re.compile(r'^epoch_(\d{4,})$')
@@ -120,29 +120,40 @@ def prepare_run_dir(run_dir: str, *, resume: Optional[str], overwrite: bool) -> 
     path.mkdir(parents=True, exist_ok=True)
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Keep only metric lines of epochs <= last_epoch (a resumed run rewrites the later ones).
-
-    A half-written last line (a kill during the write, always after the last checkpoint) is dropped;
-    any other unreadable line is an error naming the file and line.  The file is replaced atomically.
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
+def _metric_lines(path: Path) -> List[tuple]:
+    """(line, record) of every metrics line; a half-written last line (a kill during the write, always
+    after the last checkpoint) is dropped, any other unreadable line is an error naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            epoch = json.loads(line)['epoch']
+            record = json.loads(line)
+            record['epoch']
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             if i == len(lines) - 1:
                 continue
             raise ValueError(f"{path}:{i + 1} is not a metrics record ({e}); fix or remove that line") from None
-        if epoch <= last_epoch:
-            kept.append(line)
+        out.append((line, record))
+    return out
+
+
+def read_metrics(path: Path) -> List[dict]:
+    """The records of a run's metrics.jsonl, one per epoch in file order ([] without the file)."""
+    return [r for _, r in _metric_lines(path)] if Path(path).exists() else []
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Keep only metric lines of epochs <= last_epoch (a resumed run rewrites the later ones).
+
+    A half-written last line is dropped and any other unreadable line is an error (``read_metrics``).
+    The file is replaced atomically.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [line for line, record in _metric_lines(path) if record['epoch'] <= last_epoch]
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(''.join(ln + '\n' for ln in kept))
     os.replace(tmp, path)
-
