@@ -326,9 +326,9 @@ def _yaml_epochs(path: Path):
 
 def epochs_done(args, run, seed) -> int:
     """Epochs of the latest complete checkpoint in the run directory (0 if none): where a resume starts."""
-    from lt_zoo.training.run_dir import checkpoint_dirs
+    from lt_zoo.training.run_dir import checkpoint_dirs, checkpoint_epoch
     done = checkpoint_dirs(ROOT / run_dir(args, run, seed))
-    return int(done[-1].name.split('_')[1]) if done else 0
+    return checkpoint_epoch(done[-1]) if done else 0
 
 
 def plan(args, todo, foreign) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from lt_zoo.training.checkpoint import CheckpointError
-from lt_zoo.training.run_dir import checkpoint_dirs, checkpoint_name, prepare_run_dir, truncate_metrics
+from lt_zoo.training.run_dir import (checkpoint_dirs, checkpoint_epoch, checkpoint_name, prepare_run_dir,
+                                    truncate_metrics)
 
 
 def _records(path):
@@ -58,6 +59,14 @@ def test_checkpoint_dirs_ignore_temporary_and_foreign_folders(tmp_path):
     (root / 'epoch_0003').write_text('a file, not a checkpoint')
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ['epoch_0002', 'epoch_0010']
     assert checkpoint_dirs(tmp_path / 'absent') == []
+
+
+def test_checkpoint_epoch_inverts_checkpoint_name_and_refuses_other_folders(tmp_path):
+    for epoch in (0, 7, 200, 12345):
+        assert checkpoint_epoch(tmp_path / checkpoint_name(epoch)) == epoch
+    for name in ('.tmp_epoch_0011', 'epoch_12', 'epoch_0003x', 'notes'):
+        with pytest.raises(ValueError, match=repr(name)[1:-1]):
+            checkpoint_epoch(tmp_path / name)
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..file_hash import sha256_file as _sha256
-from .run_dir import CHECKPOINTS, checkpoint_dirs, checkpoint_name
+from .run_dir import CHECKPOINTS, checkpoint_dirs, checkpoint_epoch, checkpoint_name
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'validate_checkpoint', 'find_resume_checkpoint',
            'FORMAT', 'MANIFEST']
@@ -252,15 +252,12 @@ def save_checkpoint(accelerator, run_dir, epoch: int, *, model, optimizer, sched
         _fsync(tmp)
         _commit(tmp, final)
         done = checkpoint_dirs(run_dir)
-        stale = [p for p in done if _epoch_of(p) > epoch] + [p for p in done if _epoch_of(p) <= epoch][:-keep]
+        stale = ([p for p in done if checkpoint_epoch(p) > epoch]
+                 + [p for p in done if checkpoint_epoch(p) <= epoch][:-keep])
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _epoch_of(ckpt: Path) -> int:
-    return int(ckpt.name.split('_')[-1])
 
 
 def validate_checkpoint(ckpt_dir) -> None:

@@ -23,7 +23,7 @@ try:
 except ImportError:  # Windows: no advisory locks; two trainings into one directory are not detected
     fcntl = None
 
-__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'read_metrics', 'truncate_metrics',
+__all__ = ['prepare_run_dir', 'checkpoint_dirs', 'checkpoint_name', 'checkpoint_epoch', 'read_metrics', 'truncate_metrics',
            'run_dir_lock', 'run_dir_holder', 'RunDirBusyError', 'CHECKPOINTS']
 
 CHECKPOINTS = 'checkpoints'
@@ -35,13 +35,21 @@ def checkpoint_name(epoch: int) -> str:
     return f'epoch_{epoch:04d}'
 
 
+def checkpoint_epoch(ckpt) -> int:
+    """Epochs done by the checkpoint folder ``ckpt`` (the inverse of :func:`checkpoint_name`)."""
+    m = _CKPT.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{str(ckpt)!r} is not a checkpoint folder; expected a name like {checkpoint_name(3)!r}")
+    return int(m.group(1))
+
+
 def checkpoint_dirs(run_dir: str) -> List[Path]:
     """Complete epoch checkpoints, oldest first (incomplete ones live under a temporary name)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and _CKPT.match(p.name)),
-                  key=lambda p: int(_CKPT.match(p.name).group(1)))
+                  key=checkpoint_epoch)
 
 
 class RunDirBusyError(RuntimeError):
