@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -118,25 +119,31 @@ inline void each_tile(int64_t n, int64_t l, F&& f) {
         for (int64_t l0 = 0; l0 < l; l0 += T<S>) f(img, l0, l - l0 < T<S> ? l - l0 : T<S>);
 }
 
-// In-register transpose of an 8 x 8 block of floats (eight 8-lane vectors: rows in, columns out), the
-// unpack / shuffle / 128-bit-lane permute sequence of AVX; used for channels_last tiles where a tile is
-// one 8-float register.
-typedef float F8 __attribute__((vector_size(32)));
-inline void transpose8(F8* r) {
-    typedef int32_t I __attribute__((vector_size(32)));
-    F8 t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = __builtin_shuffle(r[i], r[i + 1], I{0, 8, 1, 9, 4, 12, 5, 13});
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], I{2, 10, 3, 11, 6, 14, 7, 15});
-    }
-    for (int i = 0; i < 8; i += 4)
-        for (int j = 0; j < 2; ++j) {
-            u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], I{0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], I{2, 3, 10, 11, 6, 7, 14, 15});
-        }
-    for (int j = 0; j < 4; ++j) {
-        r[j] = __builtin_shuffle(u[j], u[j + 4], I{0, 1, 2, 3, 8, 9, 10, 11});
-        r[j + 4] = __builtin_shuffle(u[j], u[j + 4], I{4, 5, 6, 7, 12, 13, 14, 15});
+// In-register transpose of a T x T block (T vectors of T lanes: rows in, columns out), for channels_last
+// tiles where one tile is one register: log2(T) butterfly stages, each swapping the off-diagonal b x b
+// blocks of every 2b x 2b block with two-source shuffles (unpack / shuffle / permute on AVX2, vpermt2ps
+// on AVX-512).  Stage b: row i (bit b clear) takes lanes j of itself where bit b of j is clear and lanes
+// j - b of row i + b where it is set; row i + b takes the rest.
+template <typename I, int64_t N, int64_t B, size_t... J>
+constexpr I butterfly_mask(std::index_sequence<J...>, bool upper) {
+    return I{static_cast<typename std::remove_reference<decltype(I{}[0])>::type>(
+        upper ? ((J & B) == 0 ? J + B : N + J) : ((J & B) == 0 ? J : N + J - B))...};
+}
+
+template <typename S, int64_t B = 1>
+inline void transpose(typename Lanes<S>::V* r) {
+    typedef typename Lanes<S>::I I;
+    constexpr int64_t N = T<S>;
+    if constexpr (B < N) {
+        constexpr I lo = butterfly_mask<I, N, B>(std::make_index_sequence<N>{}, false);
+        constexpr I hi = butterfly_mask<I, N, B>(std::make_index_sequence<N>{}, true);
+        for (int64_t i = 0; i < N; ++i)
+            if ((i & B) == 0) {
+                const auto a = r[i], c = r[i + B];
+                r[i] = __builtin_shuffle(a, c, lo);
+                r[i + B] = __builtin_shuffle(a, c, hi);
+            }
+        transpose<S, B * 2>(r);
     }
 }
 
@@ -149,20 +156,18 @@ struct Tiles {
     // tile[ch] = x[img, ch, l0 : l0 + tn], zero beyond tn
     void gather(const S* x, int64_t img, int64_t l0, int64_t tn, V* tile) const {
         if (cl) {
-            // a transpose: in registers, 8 x 8 blocks, for 8-float tiles (AVX2) and C a multiple of 8; else
-            // written straight into the tile's storage, one channel's T lanes after another.  Filling a small
+            // a transpose: in registers, T x T blocks, for C a multiple of T; else written straight into the
+            // tile's storage, one channel's T lanes after another.  Filling a small
             // buffer per channel and loading it as one vector stalled on store forwarding (several times the
             // contiguous pass; benchmarks/results/cbn_pass_bound.md has the ratio now)
             const S* base = x + (img * l + l0) * c;
             S* flat = reinterpret_cast<S*>(tile);  // GCC vector types alias their element type
-            if constexpr (T<S> == 8 && std::is_same<S, float>::value) {
-                if (tn == T<S> && c % 8 == 0) {
-                    for (int64_t ch0 = 0; ch0 < c; ch0 += 8) {
-                        for (int64_t t = 0; t < 8; ++t) tile[ch0 + t] = load<S>(base + t * c + ch0);
-                        transpose8(tile + ch0);
-                    }
-                    return;
+            if (tn == T<S> && c % T<S> == 0) {
+                for (int64_t ch0 = 0; ch0 < c; ch0 += T<S>) {
+                    for (int64_t t = 0; t < T<S>; ++t) tile[ch0 + t] = load<S>(base + t * c + ch0);
+                    transpose<S>(tile + ch0);
                 }
+                return;
             }
             if (tn == T<S>) {
                 for (int64_t ch = 0; ch < c; ++ch)
@@ -199,16 +204,14 @@ struct Tiles {
     void scatter(S* out, int64_t img, int64_t l0, int64_t tn, const V* tile) const {
         if (cl) {
             S* base = out + (img * l + l0) * c;
-            if constexpr (T<S> == 8 && std::is_same<S, float>::value) {
-                if (tn == T<S> && c % 8 == 0) {
-                    for (int64_t ch0 = 0; ch0 < c; ch0 += 8) {
-                        V rows[8];
-                        for (int64_t t = 0; t < 8; ++t) rows[t] = tile[ch0 + t];
-                        transpose8(rows);
-                        for (int64_t t = 0; t < 8; ++t) store(base + t * c + ch0, rows[t]);
-                    }
-                    return;
+            if (tn == T<S> && c % T<S> == 0) {
+                for (int64_t ch0 = 0; ch0 < c; ch0 += T<S>) {
+                    V rows[T<S>];
+                    for (int64_t t = 0; t < T<S>; ++t) rows[t] = tile[ch0 + t];
+                    transpose<S>(rows);
+                    for (int64_t t = 0; t < T<S>; ++t) store(base + t * c + ch0, rows[t]);
                 }
+                return;
             }
             const S* flat = reinterpret_cast<const S*>(tile);
             for (int64_t ch = 0; ch < c; ++ch)
