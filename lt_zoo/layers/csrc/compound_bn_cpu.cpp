@@ -121,8 +121,8 @@ inline void each_tile(int64_t n, int64_t l, F&& f) {
 
 // In-register transpose of a T x T block (T vectors of T lanes: rows in, columns out), for channels_last
 // tiles where one tile is one register: log2(T) butterfly stages, each swapping the off-diagonal b x b
-// blocks of every 2b x 2b block with two-source shuffles (unpack / shuffle / permute on AVX2, vpermt2ps
-// on AVX-512).  Stage b: row i (bit b clear) takes lanes j of itself where bit b of j is clear and lanes
+// blocks of every 2b x 2b block with two-source shuffles, which GCC lowers to the target's permutes
+// (vpermt2ps on AVX-512).  Stage b: row i (bit b clear) takes lanes j of itself where bit b of j is clear and lanes
 // j - b of row i + b where it is set; row i + b takes the rest.
 template <typename I, int64_t N, int64_t B, size_t... J>
 constexpr I butterfly_mask(std::index_sequence<J...>, bool upper) {
