@@ -130,6 +130,29 @@ def test_native_fold_equals_the_torch_fold_in_float64(temperature, combine):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize('m', [1, 2, 4, 9])
+@pytest.mark.parametrize('combine', ['posterior', 'mn'])
+def test_native_eval_pass_equals_gemm_without_gradients(m, combine):
+    """Eval without gradients (a module in eval under no_grad, and the compiled op) runs the native pass,
+    whose E-step works on logits relative to component 0 and whose mix adds r_k (A_k - A_0) to A_0: the
+    folded-constants entry and the running-state entry against the GEMM formulation, float64, both
+    layouts, maps within, at and across tile boundaries, 16 channels (in-register transposes) and 5."""
+    from lt_zoo.layers import compound_bn_native
+    t = compound_bn_native.tile_positions(torch.float64)
+    for cl, c, hw in ((False, 5, (1, t + 3)), (True, 16, (2, t)), (True, 5, (5, 4)), (False, 16, (1, 1))):
+        x, prior, mean, var, weight, bias, _ = _case(8, m=m, c=c, hw=hw, channels_last=cl)
+        with torch.no_grad():
+            f = cbf.fold_running(prior, mean, var, weight, bias, 1e-5, 2.0, combine)  # torch ops
+            ref = cbf.compound_norm_eval(x, f, kernel='gemm')
+            folded = cbf.compound_norm_eval(x, f, kernel='native')
+            running = compound_bn_native.eval_running(x, prior, mean, var, weight, bias, 1e-5, 2.0, combine == 'mn')
+        r = cbf.responsibilities(x, prior, mean, var, 1e-5, 2.0)
+        assert m == 1 or ((r > 0.01) & (r < 0.99)).float().mean() > 0.25  # mixed posteriors: the mix matters
+        for got in (folded, running):
+            assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_native_running_update_equals_the_torch_update(monkeypatch):
     """CompoundBatchNorm2d's EMA of prior, mean and variance, counters and last counts: native call
     against the torch ops ('gemm' layer), float64, over batches that include a split-path step (prior
