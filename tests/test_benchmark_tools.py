@@ -1,5 +1,5 @@
 """The measuring code of benchmarks/: the CBN layer diagnosis, the benchmark runner (fingerprints, run
-directories, targets), carry_over and cbn_budget."""
+directories, targets), carry_over, cbn_budget, the pass bound and the kernel A/B."""
 import importlib.util
 import os
 from pathlib import Path
@@ -270,6 +270,42 @@ def test_pass_bound_sums_the_resnet32_layers_and_divides_by_bn_of_the_same_map(t
     err = capsys.readouterr().err
     assert '--components must be 1..64, got 0' in err and '--batches must be >= 1, got 0' in err
     assert not list(tmp_path.glob('never*'))
+
+
+def test_kernel_ab_times_a_revisions_library_against_this_one_and_sums_the_layers(tmp_path, capsys):
+    """benchmarks/cbn_kernel_ab.py: builds the kernel of a git revision, routes compound_bn_native's calls
+    to it and back, and sums each pass over ResNet-32's layers; bad input is refused before any build."""
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    ab = _load('cbn_kernel_ab')
+    from lt_zoo.layers import compound_bn_native as native
+    with pytest.raises(SystemExit) as e:
+        ab.main(['--base', 'no-such-revision', '--out', str(tmp_path / 'never')])
+    assert 'no-such-revision' in str(e.value) and 'git cannot show' in str(e.value)
+    with pytest.raises(SystemExit):
+        ab.main(['--base', 'HEAD', '--rounds', '0', '--components', '0', '--out', str(tmp_path / 'never')])
+    err = capsys.readouterr().err
+    assert '--rounds must be >= 1, got 0' in err and '--components must be 1..64, got 0' in err
+    assert not list(tmp_path.glob('never*'))
+
+    ab.main(['--base', 'HEAD', '--components', '2', '--memory_formats', 'channels_last', '--batch', '2',
+             '--rounds', '1', '--min_time', '0.001', '--out', str(tmp_path / 'ab')])
+    import json
+    res = json.loads((tmp_path / 'ab.json').read_text())
+    assert [(c['pass_'], c['channels']) for c in res['cells']] == [
+        (p, c) for c, _, _ in ab.RESNET32_16 for p in ab.CBN_PASSES]
+    layers = {c: n for c, _, n in ab.RESNET32_16}
+    rows = {r['part']: r for r in res['network']}
+    for p in ab.CBN_PASSES:
+        want = sum(c['base_us'] * layers[c['channels']] for c in res['cells'] if c['pass_'] == p) / 1e3
+        assert rows[p]['base_ms'] == pytest.approx(want)
+    assert rows['training (the four above)']['this_ms'] == pytest.approx(
+        sum(rows[p]['this_ms'] for p in ab.TRAIN_PASSES))
+    assert '| 2 | channels_last | eval |' in (tmp_path / 'ab.md').read_text()
+    mine, other = native._lib, object()
+    with ab.using(other):
+        assert native._lib is other
+    assert native._lib is mine
 
 
 def _protocol_tree(tmp_path, bench, monkeypatch):
