@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import torch
-from cbn_pass_bound import RESNET32_16, TRAIN_PASSES, native, pass_calls  # benchmarks/ is on sys.path
+from cbn_pass_bound import RESNET32_16, TRAIN_PASSES, calibrated_reps, native, pass_calls  # benchmarks/ on sys.path
 from machine import ROOT, cpu_model, write_results
 
 CBN_PASSES = ('eval',) + TRAIN_PASSES
@@ -61,19 +61,6 @@ def using(handle):
         native._lib, native._fns = saved
 
 
-def reps_for(fn, min_time: float) -> int:
-    fn()
-    reps = 1
-    while True:
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        took = time.perf_counter() - t
-        if took >= min_time / 4:
-            return max(1, int(reps * min_time / max(took, 1e-9)))
-        reps *= 2
-
-
 def measure(args, base_lib) -> dict:
     torch.set_num_threads(args.threads)
     if not native.available():
@@ -86,7 +73,7 @@ def measure(args, base_lib) -> dict:
                 calls = pass_calls(args.batch, c, side, m, channels_last=fmt == 'channels_last')
                 for name in CBN_PASSES:
                     with using(libs['this']):
-                        reps = reps_for(calls[name], args.min_time)
+                        reps = calibrated_reps(calls[name], args.min_time)
                     best = {k: float('inf') for k in libs}
                     for _ in range(args.rounds):
                         for k, handle in libs.items():

@@ -49,8 +49,8 @@ PASSES = ('bn_forward', 'eval', 'estep_moments', 'combine', 'grad_moments', 'com
 TRAIN_PASSES = ('estep_moments', 'combine', 'grad_moments', 'combine_grad')
 
 
-def _seconds(fn, min_time: float, rounds: int) -> float:
-    """Best over ``rounds`` of the mean time of ``fn`` over at least ``min_time`` seconds."""
+def calibrated_reps(fn, min_time: float) -> int:
+    """How many calls of ``fn`` take about ``min_time`` seconds (after one warm-up call)."""
     fn()
     reps = 1
     while True:
@@ -59,9 +59,13 @@ def _seconds(fn, min_time: float, rounds: int) -> float:
             fn()
         took = time.perf_counter() - t
         if took >= min_time / 4:
-            break
+            return max(1, int(reps * min_time / max(took, 1e-9)))
         reps *= 2
-    reps = max(1, int(reps * min_time / max(took, 1e-9)))
+
+
+def _seconds(fn, min_time: float, rounds: int) -> float:
+    """Best over ``rounds`` of the mean time of ``fn`` over at least ``min_time`` seconds."""
+    reps = calibrated_reps(fn, min_time)
     best = float('inf')
     for _ in range(rounds):
         t = time.perf_counter()
