@@ -15,6 +15,7 @@ latest checkpoint of its run directory; stage-2 runs wait for their stage-1 run 
     python benchmarks/fmnist_lt.py --tables cbn_ablation --seeds 0 1 2
     python benchmarks/fmnist_lt.py --report_only            # rebuild the tables from the records
     python benchmarks/fmnist_lt.py --plan                   # what is left to train, and what it costs
+    python benchmarks/fmnist_lt.py --epochs 200 --jobs 1    # the papers' budget (a GPU): records and tables apart
 
 Outputs: ``benchmarks/results/<table>.json`` and ``.md`` for the tables ``fmnist_lt`` (the method table)
 and ``cbn_ablation`` (shaped like Table 2 of Cheng et al., ACM MM'22, plus CBN's open design choices),
@@ -38,7 +39,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = Path('train/configs/fmnist_lt')
 RESULTS = Path('benchmarks/results')
-RECORDS = RESULTS / 'fmnist_lt_runs'
 RECORD_FILES = ('eval.json', 'config.yaml', 'metrics.jsonl')
 
 # run id -> (label, method config under train/configs/fmnist_lt, overrides, stage-1 run id or None).
@@ -52,11 +52,13 @@ def _protocol_epochs() -> int:
     return int(yaml.safe_load((ROOT / CONFIGS / '_base.yaml').read_text())['epochs'])
 
 
-PROTOCOL_EPOCHS = _protocol_epochs()
-SHORT_EPOCHS = round(0.8 * PROTOCOL_EPOCHS)  # 40 of 50: the plateau compares the protocol with its first 80%
-# row -> the same row at SHORT_EPOCHS (the schedule shrinks with the budget): the gain the plateau target judges
-PLATEAU_PAIRS = {'ce': f'ce_e{SHORT_EPOCHS}', 'balanced_softmax': f'bs_e{SHORT_EPOCHS}'}
-RUNS = {
+# Set by configure(): the budget (the protocol's epochs unless --epochs), the plateau's shorter budget (80%),
+# and where records and tables go (another budget keeps its own, suffixed _e<epochs>).
+PROTOCOL_EPOCHS = SHORT_EPOCHS = None
+BUDGET = None  # None: the protocol's own budget; else the epochs of another one (--epochs)
+SUFFIX = ''
+RECORDS = RESULTS / 'fmnist_lt_runs'
+_RUNS = {
     'ce': ('CE', 'ce.yaml', {}, None),
     'balanced_softmax': ('Balanced Softmax', 'balanced_softmax.yaml', {}, None),
     'logit_adjust': ('Logit-adjusted CE', 'logit_adjust.yaml', {}, None),
@@ -86,10 +88,6 @@ RUNS = {
                        dict(_AA, model='resnet32_cbn', model_kwargs={'temperature': 'channels'}), None),
     'cbn_dpl_once': ('CBN + DPL, running statistics updated once per step', 'cbn.yaml',
                      {'dual_stat_updates': 'once'}, None),
-    # The plateau criterion as a budget comparison: the same cosine schedule shrunk to the protocol's first
-    # 80% (docs/benchmark.md#the-plateau-criterion-under-a-cosine-schedule)
-    **{f'{short}_e{SHORT_EPOCHS}': (f'{label}, {SHORT_EPOCHS} epochs', config, {'epochs': SHORT_EPOCHS}, None)
-       for short, label, config in (('ce', 'CE', 'ce.yaml'), ('bs', 'Balanced Softmax', 'balanced_softmax.yaml'))},
 }
 # Options the trainer refuses (measured not to train from scratch): not rows; the evidence is a table of an
 # earlier protocol (docs/benchmark.md).
@@ -100,14 +98,44 @@ NOT_ROWS = {
         'under protocol v3 its seed 0 diverged, loss 475 at epoch 4 and 41.1% at the end '
         '(benchmarks/results/v3_25_epochs/cbn_ablation.md)',
 }
-TABLES = {
+_TABLES = {
     'fmnist_lt': ['ce', 'balanced_softmax', 'ldam_drw', 'gcl', 'gcl_crt', 'gcl_nomix_crt', 'nbn', 'cbn', 'fsa',
                   'ce_balanced'],
     'cbn_ablation': ['balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4',
                      'cbn_t_channels', 'cbn_dpl_once'],
     'gcl_diagnosis': ['ce', 'ce_mixup', 'gcl', 'gcl_nomix', 'gcl_crt', 'gcl_nomix_crt'],
-    'plateau': [f'ce_e{SHORT_EPOCHS}', 'ce', f'bs_e{SHORT_EPOCHS}', 'balanced_softmax'],
 }
+
+
+def configure(epochs=None) -> None:
+    """Set the budget: the protocol's own (None, or its config's epochs) or another one, such as the papers'
+    200 epochs on a GPU.  Another budget adds ``--epochs N`` to every stage-1 run (a stage 2 keeps its own
+    few epochs) and moves LDAM-DRW's re-weighting to epoch 0.8 N; it keeps its records in
+    ``benchmarks/results/fmnist_lt_e<N>_runs/`` and writes its tables as ``<table>_e<N>``.  The plateau rows
+    train 80% of whichever budget is set."""
+    global PROTOCOL_EPOCHS, SHORT_EPOCHS, BUDGET, SUFFIX, RECORDS, PLATEAU_PAIRS, RUNS, TABLES, SUMMARY_ORDER
+    own = _protocol_epochs()
+    BUDGET = None if epochs in (None, own) else int(epochs)
+    PROTOCOL_EPOCHS = BUDGET or own
+    SHORT_EPOCHS = round(0.8 * PROTOCOL_EPOCHS)  # 40 of 50: the plateau compares the budget with its first 80%
+    SUFFIX = f'_e{BUDGET}' if BUDGET else ''
+    RECORDS = RESULTS / f'fmnist_lt{SUFFIX}_runs'
+    # row -> the same row at SHORT_EPOCHS (the schedule shrinks with the budget): the gain the plateau target
+    # judges (docs/benchmark.md#the-plateau-criterion-under-a-cosine-schedule)
+    PLATEAU_PAIRS = {'ce': f'ce_e{SHORT_EPOCHS}', 'balanced_softmax': f'bs_e{SHORT_EPOCHS}'}
+    RUNS = dict(_RUNS, **{f'{short}_e{SHORT_EPOCHS}': (f'{label}, {SHORT_EPOCHS} epochs', config,
+                                                        {'epochs': SHORT_EPOCHS}, None)
+                          for short, label, config in (('ce', 'CE', 'ce.yaml'),
+                                                       ('bs', 'Balanced Softmax', 'balanced_softmax.yaml'))})
+    if BUDGET:  # LDAM-DRW re-weights from 80% of the budget on; its config names the protocol's epoch (40)
+        import yaml
+        label, config, overrides, stage1 = RUNS['ldam_drw']
+        kw = yaml.safe_load((ROOT / CONFIGS / config).read_text())['loss_kwargs']
+        RUNS['ldam_drw'] = (label, config, dict(overrides, loss_kwargs=dict(kw, drw_epoch=SHORT_EPOCHS)), stage1)
+    TABLES = dict(_TABLES, plateau=[f'ce_e{SHORT_EPOCHS}', 'ce', f'bs_e{SHORT_EPOCHS}', 'balanced_softmax'])
+    SUMMARY_ORDER = ['ce', f'ce_e{SHORT_EPOCHS}', 'balanced_softmax', f'bs_e{SHORT_EPOCHS}'] + _SUMMARY_ORDER
+
+
 # Table ids of the CBN ablation rows, as the issue and the paper name them.
 ABLATION_IDS = {'balanced_softmax': 'bs', 'cbn': 'bs_aa_cbn_sbn_dpl'}
 RUNS_BY_ID = {v: k for k, v in ABLATION_IDS.items()}
@@ -146,6 +174,8 @@ PROTOCOL_VERSION = 4
 def fingerprint(cfg: dict) -> str:
     kept = {k: v for k, v in sorted(cfg.items()) if k not in _NOT_PROTOCOL}
     kept['protocol_version'] = PROTOCOL_VERSION
+    if BUDGET:  # a stage 2 resolves to the same config at any budget; its stage 1 does not
+        kept['budget_epochs'] = BUDGET
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -159,6 +189,8 @@ def command_argv(run, seed, args, for_fingerprint=False) -> list:
         argv += ['--eval_every', str(args.eval_every)]
     if args.compile:
         argv += ['--compile', 'true']
+    if BUDGET and 'epochs' not in overrides and stage1 is None:
+        argv += ['--epochs', str(BUDGET)]
     return argv + overrides_argv(overrides)
 
 
@@ -287,11 +319,12 @@ def schedule(args, pairs, fps):
 def minutes_per_epoch(run):
     """(median wall-clock minutes per epoch over the recorded seeds of ``run``, number of seeds, where from).
 
-    From the committed records of this protocol (eval.json ``wall_time_s`` over config.yaml ``epochs``),
-    else from the newest archived protocol that has the row (benchmarks/results/v*/fmnist_lt_runs: an
-    epoch costs the same at another budget); (None, 0, None) for a row never recorded."""
+    From the committed records of this budget (eval.json ``wall_time_s`` over config.yaml ``epochs``), else
+    of the protocol's own budget, else of the newest archived protocol that has the row
+    (benchmarks/results/v*/fmnist_lt_runs): an epoch costs the same at another budget.  (None, 0, None)
+    for a row never recorded."""
     archives = sorted(ROOT.glob(f'{RESULTS}/v*/fmnist_lt_runs'), reverse=True)
-    for records in [ROOT / RECORDS] + archives:
+    for records in dict.fromkeys([ROOT / RECORDS, ROOT / RESULTS / 'fmnist_lt_runs'] + archives):
         per_epoch = []
         for ev in sorted((records / run).glob('seed*/eval.json')):
             took = record_seconds(ev.parent)
@@ -366,7 +399,7 @@ def plan(args, todo, foreign) -> str:
               + (f'; no estimate for {len(unknown)} pair(s) of rows never recorded: '
                  f'{", ".join(dict.fromkeys(unknown))}' if unknown else '') + '.']
     if archived:
-        lines += ['', '* from an archived protocol: ' + ', '.join(f'`{r}` ({src})' for r, src in archived.items())]
+        lines += ['', '* from the records of another budget or an archived protocol: ' + ', '.join(f'`{r}` ({src})' for r, src in archived.items())]
     if foreign:
         lines += ['', 'The runner would refuse to start: run directories of another protocol:']
         lines += [f'- {m}' for m in foreign]
@@ -455,7 +488,7 @@ def plot_curves(table, rows):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(ROOT / RESULTS / f'{table}_curves.png', dpi=110)
+    fig.savefig(ROOT / RESULTS / f'{table}{SUFFIX}_curves.png', dpi=110)
     plt.close(fig)
 
 
@@ -464,6 +497,8 @@ def command_argv_for_report(run):
     argv = ['--config', str(CONFIGS / config), '--seed', 'K']
     if stage1 is not None:
         argv += ['--stage1_dir', f'<{stage1} run, seed K>']
+    if BUDGET and 'epochs' not in overrides and stage1 is None:
+        argv += ['--epochs', str(BUDGET)]
     return argv + overrides_argv(overrides)
 
 
@@ -479,10 +514,11 @@ def write_table(table, args, rows_by_run):
             r['gap_closed'] = None if r['mean'] is None or hi <= lo else (r['mean'] - lo) / (hi - lo)
     # The table is a function of the committed records alone, so its command is the one that rebuilds it;
     # the per-row training commands follow the table.
-    meta = dict(protocol='train/configs/fmnist_lt/_base.yaml', python=platform.python_version(),
-                machine=platform.machine(), cpu_count=os.cpu_count(), command=REPORT_COMMAND,
-                trained_by='python benchmarks/fmnist_lt.py (every missing pair)')
-    (ROOT / RESULTS / f'{table}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    meta = dict(protocol='train/configs/fmnist_lt/_base.yaml' + (f' at {BUDGET} epochs' if BUDGET else ''),
+                python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
+                command=report_command(), trained_by='python benchmarks/fmnist_lt.py (every missing pair)'
+                + (f' --epochs {BUDGET}' if BUDGET else ''))
+    (ROOT / RESULTS / f'{table}{SUFFIX}.json').write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     pm = lambda r: '-' if r['mean'] is None else (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
                                                  if r['std'] is not None else f"{100 * r['mean']:.2f}")
     title = {'fmnist_lt': 'Fashion-MNIST-LT (IF 100): every method',
@@ -490,7 +526,7 @@ def write_table(table, args, rows_by_run):
              'gcl_diagnosis': 'Fashion-MNIST-LT (IF 100): GCL with and without mixup',
              'plateau': f'Fashion-MNIST-LT (IF 100): CE and Balanced Softmax at {SHORT_EPOCHS} and '
                         f'{PROTOCOL_EPOCHS} epochs (the plateau check)'}[table]
-    lines = [f'# {title}', '',
+    lines = [f'# {title}' + (f', {BUDGET}-epoch budget' if BUDGET and table != 'plateau' else ''), '',
              f"Protocol: `{meta['protocol']}`; balanced accuracy (%) on the balanced 10,000-image test set, mean ± "
              f"sample std over seeds; many/medium/few are seed means. Produced by `{meta['command']}` from the "
              f"committed records in `{RECORDS.as_posix()}/` (each record's eval.json has its command and wall "
@@ -521,8 +557,8 @@ def write_table(table, args, rows_by_run):
         lines += [f"- `{m}` seed(s) {', '.join(seeds)}: from `{src}/`" for (m, src), seeds in carried.items()]
     lines += ['', 'Rows (each seed K = 0, 1, 2 replaces `K`):', '']
     lines += [f"- `{r['method']}`: `{r['command']}`" for r in rows]
-    lines += ['', f'Curves (seed mean against epoch, band = min-max over seeds): `{table}_curves.png`.']
-    (ROOT / RESULTS / f'{table}.md').write_text('\n'.join(lines) + '\n')
+    lines += ['', f'Curves (seed mean against epoch, band = min-max over seeds): `{table}{SUFFIX}_curves.png`.']
+    (ROOT / RESULTS / f'{table}{SUFFIX}.md').write_text('\n'.join(lines) + '\n')
     plot_curves(table, rows)
     print('\n'.join(lines))
 
@@ -533,7 +569,12 @@ def _pct(v) -> str:
 
 # The targets of the benchmark (docs/benchmark.md): a verdict needs every row involved at >= MIN_SEEDS seeds.
 MIN_SEEDS = 3
-REPORT_COMMAND = 'python benchmarks/fmnist_lt.py --report_only'
+
+
+def report_command() -> str:
+    return 'python benchmarks/fmnist_lt.py --report_only' + (f' --epochs {BUDGET}' if BUDGET else '')
+
+
 CBN_ROWS = ('bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m4', 'cbn_t_channels', 'cbn_dpl_once')
 
 
@@ -595,25 +636,25 @@ def write_targets(rows):
             targets.append(dict(target=f'{r}, within one run: its last 20% of epochs add < 0.5 points '
                                        '(includes the end of the annealing)', rows=[r], value=within,
                                 text=f'{r}: {100 * within:+.2f} (seed mean)', verdict=verdict([r], within < 0.005)))
-    (ROOT / RESULTS / 'targets.json').write_text(json.dumps(dict(command=REPORT_COMMAND, min_seeds=MIN_SEEDS, targets=targets),
+    (ROOT / RESULTS / f'targets{SUFFIX}.json').write_text(json.dumps(dict(command=report_command(), min_seeds=MIN_SEEDS, targets=targets),
                                                             indent=2))
     lines = ['# Fashion-MNIST-LT benchmark: targets', '',
-             f'From the committed records (`{REPORT_COMMAND}`); seed means over every recorded seed of a row; '
+             f'From the committed records (`{report_command()}`); seed means over every recorded seed of a row; '
              f'a verdict needs {MIN_SEEDS} seeds of every row it compares.', '',
              '| target | measured | verdict |', '|---|---|---|']
     lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
-    (ROOT / RESULTS / 'targets.md').write_text('\n'.join(lines) + '\n')
+    (ROOT / RESULTS / f'targets{SUFFIX}.md').write_text('\n'.join(lines) + '\n')
     return targets
 
 
 # The README's benchmark table: every row with a record, in this order (ablation and diagnosis rows beside
 # their method), then the targets.  Spliced between the markers below by --update_readme.
-SUMMARY_ORDER = ['ce', f'ce_e{SHORT_EPOCHS}', 'balanced_softmax', f'bs_e{SHORT_EPOCHS}', 'bs_aa',
-                 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4', 'cbn_t_channels', 'cbn_dpl_once',
+_SUMMARY_ORDER = ['bs_aa', 'bs_aa_cbn', 'bs_aa_cbn_sbn', 'cbn', 'cbn_m1', 'cbn_m4', 'cbn_t_channels', 'cbn_dpl_once',
                  'ce_mixup', 'gcl', 'gcl_crt', 'gcl_nomix', 'gcl_nomix_crt', 'ldam_drw', 'logit_adjust', 'nbn', 'fsa',
                  'ce_balanced']
 README_MARKERS = ('<!-- benchmark-summary:start (python benchmarks/fmnist_lt.py --report_only --update_readme) -->',
                   '<!-- benchmark-summary:end -->')
+configure()
 
 
 def write_summary(rows, targets) -> str:
@@ -628,12 +669,12 @@ def write_summary(rows, targets) -> str:
         lines.append(f"| `{run}` | {r['label']} | {len(r['seeds'])} | "
                      f"{pm} | {', '.join(_pct(v) for v in r['balanced_acc_per_seed'])} | {_pct(r['many'])} | "
                      f"{_pct(r['medium'])} |")
-    lines += ['', f'Targets (`benchmarks/results/targets.md`; a verdict needs {MIN_SEEDS} seeds of every row it '
+    lines += ['', f'Targets (`benchmarks/results/targets{SUFFIX}.md`; a verdict needs {MIN_SEEDS} seeds of every row it '
                   'compares):', '', '| target | measured | verdict |', '|---|---|---|']
     lines += [f"| {t['target']} | {t['text']} | {t['verdict']} |" for t in targets]
     text = '\n'.join(lines) + '\n'
-    (ROOT / RESULTS / 'summary.md').write_text(f'# Fashion-MNIST-LT benchmark: summary\n\nMade by `{REPORT_COMMAND}`.\n\n'
-                                              + text)
+    (ROOT / RESULTS / f'summary{SUFFIX}.md').write_text(
+        f'# Fashion-MNIST-LT benchmark: summary\n\nMade by `{report_command()}`.\n\n' + text)
     return text
 
 
@@ -650,7 +691,17 @@ def update_readme(text: str) -> None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget = argparse.ArgumentParser(add_help=False)
+    budget.add_argument('--epochs', type=int, default=None,
+                        help="another budget than the protocol's (e.g. 200, the papers', on a GPU): every run "
+                             'trains that many epochs (the plateau rows 80%%); records, tables and run directories '
+                             'are kept apart, suffixed _e<N>')
+    known, _ = budget.parse_known_args(argv)
+    if known.epochs is not None and known.epochs < 5:
+        budget.error(f'--epochs must be >= 5 (the plateau rows train 80% of it), got {known.epochs}')
+    configure(known.epochs)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=[budget])
     ap.add_argument('--tables', nargs='+', default=sorted(TABLES), choices=sorted(TABLES))
     ap.add_argument('--runs_only', nargs='+', default=None, choices=sorted(RUNS), help='only these run ids')
     ap.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
@@ -659,13 +710,15 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1, help='torch threads per training')
     ap.add_argument('--eval_every', type=int, default=None, help='override eval_every of the protocol')
     ap.add_argument('--compile', action='store_true', help='train with compile: true')
-    ap.add_argument('--runs', default='runs/bench', help='parent of the run directories (not committed)')
+    ap.add_argument('--runs', default=f'runs/bench{SUFFIX}', help='parent of the run directories (not committed)')
     ap.add_argument('--report_only', action='store_true', help='only rebuild the tables from the records')
     ap.add_argument('--plan', action='store_true',
                     help='print the pairs still to train, in order, with their cost by the records; train nothing')
     ap.add_argument('--update_readme', action='store_true',
                     help="also write benchmarks/results/summary.md into README.md's benchmark table")
     args = ap.parse_args(argv)
+    if args.update_readme and BUDGET:
+        ap.error(f"--update_readme: the README's table is the protocol's own budget, not --epochs {BUDGET}")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     runs = [r for t in args.tables for r in TABLES[t]]

@@ -125,6 +125,51 @@ def test_runner_table_commands_paste_back_into_a_shell_as_the_protocol(monkeypat
         assert bench.fingerprint(shown) == bench.fingerprint(bench.resolved_config(run, 1, args)), run
 
 
+def test_runner_at_another_budget_keeps_its_runs_apart_and_scales_what_depends_on_the_budget(monkeypatch, capsys):
+    """--epochs N (the papers' 200, on a GPU): stage-1 runs train N epochs, stage 2 keeps its own, the plateau
+    rows train 0.8 N and LDAM-DRW re-weights from 0.8 N; records and tables are suffixed _e<N> and no
+    fingerprint equals the protocol's; table commands paste back; bad budgets are refused before any work."""
+    import shlex
+    from types import SimpleNamespace
+    from lt_zoo.training.config import load_config
+    bench = _load('fmnist_lt')
+    monkeypatch.chdir(ROOT)
+    args = SimpleNamespace(runs='runs/bench', eval_every=None, compile=False)
+    runs = ('ce', 'cbn', 'ldam_drw', 'gcl_crt', 'fsa')
+    own = {r: bench.resolved_config(r, 0, args) for r in runs}
+    own_fp = {r: bench.fingerprint(c) for r, c in own.items()}
+    assert own['ldam_drw']['loss_kwargs']['drw_epoch'] == 40 and own['gcl_crt']['epochs'] == 5
+    bench.configure(200)
+    assert (bench.PROTOCOL_EPOCHS, bench.SHORT_EPOCHS, bench.SUFFIX) == (200, 160, '_e200')
+    assert bench.PLATEAU_PAIRS == {'ce': 'ce_e160', 'balanced_softmax': 'bs_e160'} and 'ce_e40' not in bench.RUNS
+    assert bench.record_dir('ce', 0) == bench.RESULTS / 'fmnist_lt_e200_runs' / 'ce' / 'seed0'
+    assert bench.report_command() == 'python benchmarks/fmnist_lt.py --report_only --epochs 200'
+    for run in runs + ('ce_e160',):
+        cfg = bench.resolved_config(run, 0, args)
+        want = {'gcl_crt': 5, 'fsa': own['fsa']['epochs'], 'ce_e160': 160}.get(run, 200)
+        assert cfg['epochs'] == want, run
+        if run in own:
+            assert bench.fingerprint(cfg) != own_fp[run], run  # stage 2 too: its config is the same
+            changed = bench.protocol_diff(own[run], cfg)
+            assert changed == (['epochs'] if run not in ('ldam_drw', 'gcl_crt', 'fsa') else
+                               ['epochs', 'loss_kwargs'] if run == 'ldam_drw' else []), (run, changed)
+        words = shlex.split(bench.summarise(run, args)['command'].replace('K', '0'))
+        argv = [w for w in words[2:] if not w.startswith('<') and w != '--stage1_dir']
+        shown = load_config(argv)
+        shown = shown if isinstance(shown, dict) else shown.to_dict()
+        assert bench.fingerprint(shown) == bench.fingerprint(cfg), run
+    assert bench.resolved_config('ldam_drw', 0, args)['loss_kwargs'] == dict(own['ldam_drw']['loss_kwargs'],
+                                                                             drw_epoch=160)
+    bench.configure()
+    assert bench.SUFFIX == '' and bench.RECORDS == bench.RESULTS / 'fmnist_lt_runs' and 'ce_e40' in bench.RUNS
+    assert bench.resolved_config('ldam_drw', 0, args) == own['ldam_drw']
+    for argv, message in ((['--epochs', '4', '--plan'], '--epochs must be >= 5'),
+                          (['--epochs', '200', '--report_only', '--update_readme'], "the README's table")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_protocol_version_pins_the_defaults_its_records_were_made_with():
     """The fingerprint hashes the resolved config, not the defaults of the layers it builds: a changed CBN,
     NBN, cosine-classifier or CIFAR-ResNet default would change what every record computes while its
