@@ -523,3 +523,53 @@ def test_runner_skips_pairs_another_process_trains_and_their_stage_2(tmp_path, m
     out = capsys.readouterr().out
     assert f'gcl seed 0: skipped, process {os.getpid()} is training it' in out
     assert "skipped (trained by another process): [('gcl', 0), ('gcl_crt', 0)]" in out
+
+
+def test_gpu_session_packs_exactly_one_budgets_results_and_the_progress_of_unfinished_pairs(tmp_path):
+    import tarfile
+    session = _load('gpu_session')
+    res, out = tmp_path / 'benchmarks' / 'results', tmp_path / 'out'
+    out.mkdir()
+    for rel in ('gpu_speed.json', 'gpu_speed.md', 'fmnist_lt_e200.md', 'plateau_e200_curves.png',
+                'fmnist_lt_e200_runs/ce/seed0/eval.json', 'fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
+                # not this budget's: the protocol's own table, another budget, a look-alike
+                'fmnist_lt.md', 'fmnist_lt_e20.md', 'fmnist_lt_e2000.md', 'fmnist_lt_e20_runs/ce/seed0/eval.json'):
+        (res / rel).parent.mkdir(parents=True, exist_ok=True)
+        (res / rel).write_text(rel)
+    runs = tmp_path / 'runs' / 'bench_e200'
+    for pair in ('ce/seed0', 'bs_aa/seed1'):  # ce has a record, bs_aa seed 1 was stopped by the budget
+        (runs / pair).mkdir(parents=True)
+        (runs / pair / 'metrics.jsonl').write_text(pair)
+    archive = session.pack(str(tmp_path), str(out), 200)
+    with tarfile.open(archive) as tar:
+        files = sorted(m.name for m in tar.getmembers() if m.isfile())
+        progress = tar.extractfile('.device/progress/e200/bs_aa/seed1/metrics.jsonl').read()
+    assert files == sorted([
+        'benchmarks/results/gpu_speed.json', 'benchmarks/results/gpu_speed.md',
+        'benchmarks/results/fmnist_lt_e200.md', 'benchmarks/results/plateau_e200_curves.png',
+        'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/eval.json',
+        'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
+        '.device/progress/e200/bs_aa/seed1/metrics.jsonl'])
+    assert progress == b'bs_aa/seed1'
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['run', '--out', 'MISSING'], r"--out '.*missing' is not a folder"),
+    (['run', '--out', 'OUT', '--minutes', '1'], r'--minutes 1.0 and --speed_minutes 4.0; expected minutes > 1'),
+    (['run', '--out', 'OUT', '--minutes', '3', '--speed_minutes', '3'], r'expected minutes > 1 and 0 <= speed_'),
+    (['run', '--out', 'OUT', '--epochs', '0'], r'--epochs 0; expected a positive number of epochs'),
+    (['prepare', '--fmnist_dir', 'OUT'], r"--fmnist_dir '.*out' lacks train-images-idx3-ubyte.gz, .*; expected "
+                                         r"Fashion-MNIST's four IDX files"),
+])
+def test_gpu_session_refuses_bad_input_before_any_work(tmp_path, argv, message):
+    import re
+    import subprocess
+    import sys
+    out = tmp_path / 'out'
+    out.mkdir()
+    argv = [str(tmp_path / a.lower()) if a in ('MISSING', 'OUT') else a for a in argv]
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_session.py')] + argv, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert re.search(message, proc.stderr), proc.stderr
+    assert list(out.iterdir()) == []  # no log, no archive, nothing staged
