@@ -112,6 +112,10 @@ def time_models(models, x, y, reps, warmup, compiled: bool):
                 for key, v in zip(('train_wall', 'train_cpu', 'eval_wall', 'eval_cpu'), (tw, tc, ew, ec)):
                     samples[k][key].append(v)
     out = {k: {key: statistics.median(v) for key, v in s.items()} for k, s in samples.items()}
+    if compiled:  # where the compiled step's time goes: the custom ops, the generated kernels, the convolutions
+        for k in ('bn', 'cbn_m4'):
+            if k in runners:
+                out[k]['profile'] = profile_step(runners[k], models[k], opts[k], x, y, aten_only=False)
     for k, v in out.items():
         v['train_img_s'] = x.shape[0] / v['train_wall']
         v['eval_img_s'] = x.shape[0] / v['eval_wall']
@@ -152,24 +156,26 @@ def layer_table(reps, batch, size):
     return rows
 
 
-def profile_cbn(model, x, y, top=12):
+def profile_step(runner, model, opt, x, y, top=12, aten_only=True, steps=3):
+    """Top operators by self CPU time of a training step of ``runner`` (the model or its compiled form),
+    averaged over ``steps`` profiled steps: aten ops only, or every event (custom ops, inductor's
+    generated code as "## Call CompiledFxGraph ...", optimizer).  Share: of all events' self time."""
     from torch.profiler import ProfilerActivity, profile
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    model.train()
     for _ in range(2):
-        F.cross_entropy(model(x), y).backward()
+        _train_step(runner, opt, x, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    events = [e for e in prof.key_averages() if e.key.startswith('aten::')]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{'op': e.key, 'calls': e.count, 'self_ms': e.self_cpu_time_total / 1e3,
+        for _ in range(steps):
+            _train_step(runner, opt, x, y)
+    every = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in every)
+    events = sorted((e for e in every if not aten_only or e.key.startswith('aten::')),
+                    key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{'op': e.key, 'calls': e.count // steps, 'self_ms': e.self_cpu_time_total / 1e3 / steps,
              'share': e.self_cpu_time_total / total} for e in events[:top]]
 
 
+def profile_cbn(model, x, y, top=12):
+    return profile_step(model, model, torch.optim.SGD(model.parameters(), lr=0.01), x, y, top, steps=1)
 
 
 def _ratio(m, model, key):
@@ -226,6 +232,17 @@ def write_markdown(res, path):
             lines.append(f"| {key} | {'x'.join(map(str, r['shape']))} | {r['bn_train_ms']:.2f} | "
                          f"{r['cbn_m2_train_ms']:.2f} | {r['cbn_m4_train_ms']:.2f} | {r['bn_eval_ms']:.2f} | "
                          f"{r['cbn_m2_eval_ms']:.2f} | {r['cbn_m4_eval_ms']:.2f} |")
+    for cell, r in res['cells'].items():
+        m = r['models']
+        if 'profile' not in m.get('cbn_m4', {}) or 'profile' not in m.get('bn', {}):
+            continue
+        lines += ['', f'Compiled training step, {cell}: top operators by self CPU time (ms per step, mean of 3 '
+                  'profiled steps; `lt_zoo::` are the CBN custom ops, "Call CompiledFxGraph" is inductor\'s '
+                  'generated code, convolutions are mkldnn_convolution / convolution_backward):', '',
+                  '| model | op | calls | self ms | share |', '|---|---|---|---|---|']
+        for k in ('bn', 'cbn_m4'):
+            for p in m[k]['profile']:
+                lines.append(f"| {k} | {p['op'][:60]} | {p['calls']} | {p['self_ms']:.2f} | {100 * p['share']:.1f}% |")
     if res.get('profile'):
         lines += ['', f"Top aten operators of one profiled eager CBN (M=4) training step ({res['profile']['cell']}; "
                   'self CPU time; convolutions are mkldnn_convolution / convolution_backward; the native CBN '
