@@ -1,5 +1,5 @@
 """The measuring code of benchmarks/: the CBN layer diagnosis, the benchmark runner (fingerprints, run
-directories, targets), carry_over, cbn_budget, the pass bound and the kernel A/B."""
+directories, targets), carry_over, cbn_budget, the pass bound, the kernel A/B, the GPU session and norm_speed's profiles."""
 import importlib.util
 import os
 from pathlib import Path
@@ -573,3 +573,39 @@ def test_gpu_session_refuses_bad_input_before_any_work(tmp_path, argv, message):
     assert proc.returncode == 1
     assert re.search(message, proc.stderr), proc.stderr
     assert list(out.iterdir()) == []  # no log, no archive, nothing staged
+
+
+def test_norm_speed_profile_counts_calls_per_step_and_renders_both_models(tmp_path):
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    ns = _load('norm_speed')
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    prof = ns.profile_step(model, model, opt, x, y, top=50, aten_only=True, steps=3)
+    ops = {p['op']: p for p in prof}
+    # two convolutions forward and backward in each of the 3 profiled steps: counts are per step
+    assert ops['aten::convolution']['calls'] == 2
+    assert ops['aten::convolution_backward']['calls'] == 2
+    assert all(p['op'].startswith('aten::') for p in prof)
+    assert [p['self_ms'] for p in prof] == sorted((p['self_ms'] for p in prof), reverse=True)
+    assert 0 < sum(p['share'] for p in prof) <= 1 + 1e-9
+    everything = ns.profile_step(model, model, opt, x, y, top=500, aten_only=False, steps=2)
+    assert any(not p['op'].startswith('aten::') for p in everything)  # e.g. the optimizer step
+    assert sum(p['share'] for p in everything) == pytest.approx(1.0, abs=1e-6)
+
+    row = dict(train_wall=1.0, train_cpu=1.0, eval_wall=0.5, eval_cpu=0.5, train_img_s=64.0, eval_img_s=128.0,
+               first_step_s=1.0)
+    prof_row = [dict(op='lt_zoo::cbn_native_train', calls=31, self_ms=9.256, share=0.1044)]
+    models = {'bn': dict(row, profile=[dict(op='aten::mkldnn_convolution', calls=31, self_ms=20.0, share=0.25)]),
+              'cbn_m4': dict(row, train_cpu=1.2, profile=prof_row)}
+    res = dict(batch=64, reps=1, warmup=0, targets=ns.TARGETS, command='c', layers={},
+               environment=dict(torch='t', cpu='x', cpu_count=2, date='d'),
+               cells={'16x16 1t compiled': dict(models=models, load_before=1.0, load_after=1.0)})
+    ns.write_markdown(res, str(tmp_path / 'r.md'))
+    text = (tmp_path / 'r.md').read_text()
+    assert 'Compiled training step, 16x16 1t compiled: top operators' in text
+    assert '| cbn_m4 | lt_zoo::cbn_native_train | 31 | 9.26 | 10.4% |' in text
+    assert '| bn | aten::mkldnn_convolution | 31 | 20.00 | 25.0% |' in text
