@@ -261,7 +261,8 @@ NOTES = [
     'processes than cores, wall-clock ratios are noise and even CPU-time ratios drift, since caches and '
     'memory bandwidth are shared).  Re-run on a quiet machine for the record; cells resume.',
     '`cbn_m2` is the CBN layer\'s default M since benchmark protocol v4; `cbn_m4` (the paper\'s M, which the '
-    'targets name) and `cbn_m2` run the eager default kernel on CPU, the native C++ kernel (lt_zoo/layers/compound_bn_native.py: '
+    'targets name) and `cbn_m2` run the eager default kernel on CPU, the native C++ kernel '
+    '(lt_zoo/layers/compound_bn_native.py: '
     'E-step with moments, output, backward sums and input gradient, one pass each over the map, OpenMP over '
     'images); `cbn_m4_gemm` is the same network on the batched-GEMM formulation it replaced (the fallback '
     'without a C++ compiler), timed in the same round-robin.',

@@ -1,5 +1,6 @@
 """The measuring code of benchmarks/: the CBN layer diagnosis, the benchmark runner (fingerprints, run
-directories, targets), carry_over, cbn_budget, the pass bound, the kernel A/B, the GPU session and norm_speed's profiles."""
+directories, targets), carry_over, cbn_budget, the pass bound, the kernel A/B, the GPU session and
+norm_speed's profiles."""
 import importlib.util
 import os
 from pathlib import Path
