@@ -182,6 +182,24 @@ def _ratio(m, model, key):
     return m[model][key] / m['bn'][key]
 
 
+# NBN is the control of every cell: BN's passes plus O(C) work per layer, so its ratio to BN measures the
+# cell's noise (on a quiet machine it reads 0.98-1.01x; a sitting on a busy cloud host read 0.93-1.03x).
+CONTROL_TOLERANCE = 0.03
+
+
+def disturbed_cells(res):
+    """[(cell, nbn train ratio, nbn eval ratio)] of the cells whose NBN/BN CPU-time ratio is off by more
+    than CONTROL_TOLERANCE in training or eval."""
+    out = []
+    for cell, r in res['cells'].items():
+        m = r['models']
+        if 'nbn' in m and 'bn' in m:
+            t, e = _ratio(m, 'nbn', 'train_cpu'), _ratio(m, 'nbn', 'eval_cpu')
+            if max(abs(t - 1), abs(e - 1)) > CONTROL_TOLERANCE:
+                out.append((cell, t, e))
+    return out
+
+
 def write_markdown(res, path):
     env = res['environment']
     lines = [
@@ -207,6 +225,12 @@ def write_markdown(res, path):
                 f"{_ratio(m, k, 'train_cpu'):.2f} | {_ratio(m, k, 'train_wall'):.2f} | {m[k]['eval_img_s']:.0f} | "
                 f"{_ratio(m, k, 'eval_cpu'):.2f} | {_ratio(m, k, 'eval_wall'):.2f} | "
                 f"{m[k].get('first_step_s', float('nan')):.1f} |")
+    disturbed = disturbed_cells(res)
+    if disturbed:
+        lines += ['', f'Disturbed cells: NBN does BN\'s map-sized work, yet reads outside '
+                  f'{1 - CONTROL_TOLERANCE:.2f}-{1 + CONTROL_TOLERANCE:.2f}x BN (CPU time) in '
+                  + '; '.join(f'{c} (training {t:.2f}x, eval {e:.2f}x)' for c, t, e in disturbed)
+                  + '.  Ratios of those cells carry about that much noise; re-run them.']
     lines += ['', '## Where the time goes', '',
               'Norm-layer cost = model CPU time minus the same ResNet-32 with every norm replaced by Identity '
               '(ms per batch):', '',

@@ -610,3 +610,12 @@ def test_norm_speed_profile_counts_calls_per_step_and_renders_both_models(tmp_pa
     assert 'Compiled training step, 16x16 1t compiled: top operators' in text
     assert '| cbn_m4 | lt_zoo::cbn_native_train | 31 | 9.26 | 10.4% |' in text
     assert '| bn | aten::mkldnn_convolution | 31 | 20.00 | 25.0% |' in text
+    assert 'Disturbed' not in text  # no NBN control in this cell: nothing to judge the noise by
+
+    # NBN, the control: 1.02x is within the tolerance, 0.93x (a sitting on a busy host) is flagged
+    for nbn_train, flagged in ((1.02, False), (0.93, True)):
+        models['nbn'] = dict(row, train_cpu=nbn_train)
+        ns.write_markdown(res, str(tmp_path / 'r.md'))
+        text = (tmp_path / 'r.md').read_text()
+        assert ('16x16 1t compiled (training %.2fx, eval 1.00x)' % nbn_train in text) == flagged
+        assert ns.disturbed_cells(res) == ([('16x16 1t compiled', pytest.approx(nbn_train), 1.0)] if flagged else [])
