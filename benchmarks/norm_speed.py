@@ -115,7 +115,7 @@ def time_models(models, x, y, reps, warmup, compiled: bool):
     if compiled:  # where the compiled step's time goes: the custom ops, the generated kernels, the convolutions
         for k in ('bn', 'cbn_m4'):
             if k in runners:
-                out[k]['profile'] = profile_step(runners[k], models[k], opts[k], x, y, aten_only=False)
+                out[k]['profile'] = profile_step(runners[k], opts[k], x, y, aten_only=False)
     for k, v in out.items():
         v['train_img_s'] = x.shape[0] / v['train_wall']
         v['eval_img_s'] = x.shape[0] / v['eval_wall']
@@ -156,7 +156,10 @@ def layer_table(reps, batch, size):
     return rows
 
 
-def profile_step(runner, model, opt, x, y, top=12, aten_only=True, steps=3):
+PROFILE_STEPS = 3  # profiled training steps per compiled model, after 2 unprofiled ones
+
+
+def profile_step(runner, opt, x, y, top=12, aten_only=True, steps=PROFILE_STEPS):
     """Top operators by self CPU time of a training step of ``runner`` (the model or its compiled form),
     averaged over ``steps`` profiled steps: aten ops only, or every event (custom ops, inductor's
     generated code as "## Call CompiledFxGraph ...", optimizer).  Share: of all events' self time."""
@@ -175,7 +178,7 @@ def profile_step(runner, model, opt, x, y, top=12, aten_only=True, steps=3):
 
 
 def profile_cbn(model, x, y, top=12):
-    return profile_step(model, model, torch.optim.SGD(model.parameters(), lr=0.01), x, y, top, steps=1)
+    return profile_step(model, torch.optim.SGD(model.parameters(), lr=0.01), x, y, top, steps=1)
 
 
 def _ratio(m, model, key):
@@ -260,9 +263,9 @@ def write_markdown(res, path):
         m = r['models']
         if 'profile' not in m.get('cbn_m4', {}) or 'profile' not in m.get('bn', {}):
             continue
-        lines += ['', f'Compiled training step, {cell}: top operators by self CPU time (ms per step, mean of 3 '
-                  'profiled steps; `lt_zoo::` are the CBN custom ops, "Call CompiledFxGraph" is inductor\'s '
-                  'generated code, convolutions are mkldnn_convolution / convolution_backward):', '',
+        lines += ['', f'Compiled training step, {cell}: top operators by self CPU time (ms per step, mean of '
+                  f'{PROFILE_STEPS} profiled steps; `lt_zoo::` are the CBN custom ops, "Call CompiledFxGraph" is '
+                  'inductor\'s generated code, convolutions are mkldnn_convolution / convolution_backward):', '',
                   '| model | op | calls | self ms | share |', '|---|---|---|---|---|']
         for k in ('bn', 'cbn_m4'):
             for p in m[k]['profile']:

@@ -585,7 +585,7 @@ def test_norm_speed_profile_counts_calls_per_step_and_renders_both_models(tmp_pa
                                 torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
-    prof = ns.profile_step(model, model, opt, x, y, top=50, aten_only=True, steps=3)
+    prof = ns.profile_step(model, opt, x, y, top=50, aten_only=True, steps=3)
     ops = {p['op']: p for p in prof}
     # two convolutions forward and backward in each of the 3 profiled steps: counts are per step
     assert ops['aten::convolution']['calls'] == 2
@@ -593,7 +593,7 @@ def test_norm_speed_profile_counts_calls_per_step_and_renders_both_models(tmp_pa
     assert all(p['op'].startswith('aten::') for p in prof)
     assert [p['self_ms'] for p in prof] == sorted((p['self_ms'] for p in prof), reverse=True)
     assert 0 < sum(p['share'] for p in prof) <= 1 + 1e-9
-    everything = ns.profile_step(model, model, opt, x, y, top=500, aten_only=False, steps=2)
+    everything = ns.profile_step(model, opt, x, y, top=500, aten_only=False, steps=2)
     assert any(not p['op'].startswith('aten::') for p in everything)  # e.g. the optimizer step
     assert sum(p['share'] for p in everything) == pytest.approx(1.0, abs=1e-6)
 
