@@ -14,7 +14,8 @@ may be older than lt_zoo needs), copies Fashion-MNIST's four IDX files, ignores 
 ``.git/info/exclude`` and prints the command and the carry list.
 
 ``run`` installs the wheels into /tmp/site, puts the IDX files where the loader looks first, prints the
-versions it found, runs ``benchmarks/gpu_speed.py`` (at most ``--speed_minutes``), then the benchmark
+versions it found, runs ``benchmarks/gpu_speed.py`` (at most ``--speed_minutes``) and
+``benchmarks/gpu_exactness.py`` (at most three minutes; skipped with the speed run), then the benchmark
 runner at ``--epochs`` for ``--rows`` and ``--seeds`` until ``--minutes`` are spent, rebuilds that
 budget's tables and packs every result file into ``$OUT/results.tar.gz``.  Unpack it in the repository
 root (``tar -xzf <files_at>/results.tar.gz``): finished pairs land as records under
@@ -52,6 +53,8 @@ PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_17_x
 TRAVEL_LIMIT = 64 * 2 ** 20
 # the cheap rows first, so that a short session still records a comparison: BN, the CBN layer, CE
 DEFAULT_ROWS = ('balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'ce')
+# gpu_exactness.py compiles a dozen single-layer graphs: about a minute and a half on 2 CPU cores
+EXACTNESS_S = 180
 
 
 def _tree_bytes() -> int:
@@ -126,7 +129,8 @@ def pack(root: str, out: str, epochs: int) -> str:
     (as .device/progress/e<epochs>/<row>/seed<k>/metrics.jsonl)."""
     results = os.path.join(root, 'benchmarks', 'results')
     runs = os.path.join(root, 'runs', f'bench_e{epochs}')
-    paths = (glob.glob(os.path.join(results, 'gpu_speed.*')) + glob.glob(os.path.join(results, f'*_e{epochs}.*'))
+    paths = (glob.glob(os.path.join(results, 'gpu_speed.*')) + glob.glob(os.path.join(results, 'gpu_exactness.*'))
+             + glob.glob(os.path.join(results, f'*_e{epochs}.*'))
              + glob.glob(os.path.join(results, f'*_e{epochs}_curves.png')))
     records = os.path.join(results, f'fmnist_lt_e{epochs}_runs')
     archive = os.path.join(out, 'results.tar.gz')
@@ -190,6 +194,10 @@ def run(args) -> None:
     if args.speed_minutes > 0:
         rc = _run_logged([sys.executable, 'benchmarks/gpu_speed.py'], log, env, args.speed_minutes * 60)
         print(f'gpu_speed.py: exit {rc}' if rc is not None else 'gpu_speed.py: stopped at --speed_minutes', flush=True)
+        # CUDA's formulations against a float64 CPU run; LT_ZOO_NATIVE=0: no C++ build for the CPU reference
+        rc = _run_logged([sys.executable, 'benchmarks/gpu_exactness.py'], log, dict(env, LT_ZOO_NATIVE='0'),
+                         EXACTNESS_S)
+        print(f'gpu_exactness.py: exit {rc}' if rc is not None else 'gpu_exactness.py: stopped', flush=True)
     left = args.minutes * 60 - (time.monotonic() - start) - 60  # a minute for the tables and the archive
     rc = _run_logged(plan, log, env, left)
     print(f'runner: exit {rc}' if rc is not None else 'runner: stopped at --minutes', flush=True)

@@ -8,6 +8,10 @@ step = forward + cross-entropy + backward + SGD step; eval = forward under ``inf
 mode the models are timed round-robin with CUDA events (one step of each per repetition); the first
 step (compilation for ``torch.compile``) is timed separately.  Writes benchmarks/results/gpu_speed.json
 and .md (relative paths, the command line recorded).  Without CUDA it exits with a one-line error.
+
+``--device cpu`` runs the same code paths on the CPU (bf16 autocast there, wall-clock timing) as a dry
+run of this script before GPU time is spent on it; its numbers are not a GPU measurement.  With
+``LT_ZOO_NATIVE=0`` CBN then takes the formulation CUDA takes (no native CPU kernel).
 """
 import argparse
 import json
@@ -26,9 +30,11 @@ MODELS = {'bn': ('resnet50', {}), 'nbn': ('resnet50_nbn', {}), 'cbn_m4': ('resne
 
 
 def _steps(model, opt, x, y):
+    kind = x.device.type
+
     def train():
         model.train()
-        with torch.autocast('cuda', dtype=torch.bfloat16):
+        with torch.autocast(kind, dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -36,12 +42,16 @@ def _steps(model, opt, x, y):
 
     def evaluate():
         model.eval()
-        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16):
             model(x)
     return train, evaluate
 
 
-def _cuda_ms(fn) -> float:
+def _ms(fn, device: str) -> float:
+    if device == 'cpu':
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -50,26 +60,38 @@ def _cuda_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
+def _sync(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
 def run_mode(mode: str, args) -> dict:
     import timm
+    from torch._dynamo.utils import counters
     import lt_zoo  # noqa: F401  (registers resnet50_nbn / resnet50_cbn)
-    x = torch.randn(args.batch, 3, args.size, args.size, device='cuda').contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (args.batch,), device='cuda')
+    dev = args.device
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch,), device=dev)
     runners = {}
     for key, (arch, kw) in MODELS.items():
-        model = timm.create_model(arch, num_classes=1000, **kw).cuda().to(memory_format=torch.channels_last)
+        model = timm.create_model(arch, num_classes=1000, **kw).to(dev, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         runners[key] = _steps(torch.compile(model) if mode == 'compiled' else model, opt, x, y)
     out = {k: {'train_ms': [], 'eval_ms': []} for k in runners}
     for key, (train, evaluate) in runners.items():
+        if dev == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        breaks = sum(counters['graph_break'].values())
         t = time.perf_counter()
         train()
         evaluate()
-        torch.cuda.synchronize()
+        _sync(dev)
         out[key]['first_step_s'] = time.perf_counter() - t
+        out[key]['graph_breaks'] = sum(counters['graph_break'].values()) - breaks  # 0 in eager
+        out[key]['max_memory_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == 'cuda' else None
     for rep in range(args.warmup + args.reps):
         for key, (train, evaluate) in runners.items():
-            tr, ev = _cuda_ms(train), _cuda_ms(evaluate)
+            tr, ev = _ms(train, dev), _ms(evaluate, dev)
             if rep >= args.warmup:
                 out[key]['train_ms'].append(tr)
                 out[key]['eval_ms'].append(ev)
@@ -78,7 +100,7 @@ def run_mode(mode: str, args) -> dict:
         tr, ev = statistics.median(v['train_ms']), statistics.median(v['eval_ms'])
         res[key] = {'train_ms': tr, 'eval_ms': ev, 'train_img_s': 1e3 * args.batch / tr,
                     'eval_img_s': 1e3 * args.batch / ev, 'first_step_s': v['first_step_s'],
-                    'max_memory_gib': torch.cuda.max_memory_allocated() / 2 ** 30}
+                    'max_memory_gib': v['max_memory_gib'], 'graph_breaks': v['graph_breaks']}
     for key in res:
         res[key]['train_x_bn'] = res[key]['train_ms'] / res['bn']['train_ms']
         res[key]['eval_x_bn'] = res[key]['eval_ms'] / res['bn']['eval_ms']
@@ -90,13 +112,17 @@ def write_markdown(res, path):
     lines = ['# Norm-layer speed: ResNet-50 on GPU', '',
              f"Command: `{res['command']}`.  {env['gpu']}, torch {env['torch']}, {env['date']}.  Batch "
              f"{res['batch']}, {res['size']}x{res['size']}, bf16 autocast, channels_last, synthetic data, median "
-             f"of {res['reps']} repetitions after {res['warmup']} warm-up, round-robin, CUDA-event timing.", '',
-             '| mode | model | train img/s | train x BN | eval img/s | eval x BN | first step s |',
-             '|---|---|---|---|---|---|---|']
+             f"of {res['reps']} repetitions after {res['warmup']} warm-up, round-robin, "
+             f"{'CUDA-event' if res.get('device', 'cuda') == 'cuda' else 'wall-clock (a CPU dry run, not a measurement)'} "
+             f"timing.", '',
+             '| mode | model | train img/s | train x BN | eval img/s | eval x BN | first step s | peak GiB (first step) | graph breaks |',
+             '|---|---|---|---|---|---|---|---|---|']
     for mode, models in res['modes'].items():
         for k, v in models.items():
             lines.append(f"| {mode} | {k} | {v['train_img_s']:.0f} | {v['train_x_bn']:.2f} | {v['eval_img_s']:.0f} | "
-                         f"{v['eval_x_bn']:.2f} | {v['first_step_s']:.1f} |")
+                         f"{v['eval_x_bn']:.2f} | {v['first_step_s']:.1f} | "
+                         f"{'-' if v['max_memory_gib'] is None else format(v['max_memory_gib'], '.1f')} | "
+                         f"{v['graph_breaks']} |")
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')
 
@@ -108,16 +134,19 @@ def main():
     ap.add_argument('--reps', type=int, default=20)
     ap.add_argument('--warmup', type=int, default=5)
     ap.add_argument('--modes', nargs='+', default=['eager', 'compiled'], choices=['eager', 'compiled'])
+    ap.add_argument('--device', default='cuda', choices=['cuda', 'cpu'],
+                    help="cpu: a dry run of the code paths (not a measurement); give it a small --size and --out")
     ap.add_argument('--out', default=os.path.join('benchmarks', 'results', 'gpu_speed'),
                     help='output path without extension, relative to the repository root')
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == 'cuda' and not torch.cuda.is_available():
         sys.exit('gpu_speed.py: error: no CUDA device visible to torch; run benchmarks/norm_speed.py for the CPU')
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     res = {'command': 'python benchmarks/gpu_speed.py ' + ' '.join(sys.argv[1:]), 'batch': args.batch,
            'size': args.size, 'reps': args.reps, 'warmup': args.warmup, 'modes': {},
-           'environment': {'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__,
+           'device': args.device,
+           'environment': {'gpu': torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu (dry run)', 'torch': torch.__version__,
                            'python': platform.python_version(),
                            'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}}
     out = args.out if os.path.isabs(args.out) else os.path.join(ROOT, args.out)

@@ -531,7 +531,7 @@ def test_gpu_session_packs_exactly_one_budgets_results_and_the_progress_of_unfin
     session = _load('gpu_session')
     res, out = tmp_path / 'benchmarks' / 'results', tmp_path / 'out'
     out.mkdir()
-    for rel in ('gpu_speed.json', 'gpu_speed.md', 'fmnist_lt_e200.md', 'plateau_e200_curves.png',
+    for rel in ('gpu_speed.json', 'gpu_speed.md', 'gpu_exactness.json', 'fmnist_lt_e200.md', 'plateau_e200_curves.png',
                 'fmnist_lt_e200_runs/ce/seed0/eval.json', 'fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
                 # not this budget's: the protocol's own table, another budget, a look-alike
                 'fmnist_lt.md', 'fmnist_lt_e20.md', 'fmnist_lt_e2000.md', 'fmnist_lt_e20_runs/ce/seed0/eval.json'):
@@ -547,7 +547,7 @@ def test_gpu_session_packs_exactly_one_budgets_results_and_the_progress_of_unfin
         progress = tar.extractfile('.device/progress/e200/bs_aa/seed1/metrics.jsonl').read()
     assert files == sorted([
         'benchmarks/results/gpu_speed.json', 'benchmarks/results/gpu_speed.md',
-        'benchmarks/results/fmnist_lt_e200.md', 'benchmarks/results/plateau_e200_curves.png',
+        'benchmarks/results/gpu_exactness.json', 'benchmarks/results/fmnist_lt_e200.md', 'benchmarks/results/plateau_e200_curves.png',
         'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/eval.json',
         'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
         '.device/progress/e200/bs_aa/seed1/metrics.jsonl'])

@@ -43,18 +43,68 @@ def test_compiled_layer_matches_eager_over_training_steps(channels_last, kernel)
 
 
 @pytest.mark.slow  # spawns a process
-def test_gpu_benchmark_refuses_without_cuda_in_one_line():
+@pytest.mark.parametrize('script', ['gpu_speed', 'gpu_exactness'])
+def test_gpu_scripts_refuse_without_cuda_in_one_line(script, tmp_path):
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
-    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_speed.py')], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=root)
+    out = tmp_path / 'res'
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', f'{script}.py'), '--out', str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and 'no CUDA device' in lines[0], proc.stderr
-    assert not os.path.exists(os.path.join(root, 'benchmarks', 'results', 'gpu_speed.json'))
+    assert len(lines) == 1 and f'{script}.py: error: no CUDA device' in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # three ResNet-50s on the CPU, in a process
+def test_gpu_speed_dry_run_on_cpu_writes_one_row_per_model_relative_to_bn(tmp_path):
+    """``--device cpu`` runs the GPU benchmark's code (bf16 autocast, channels_last, the three timm models)
+    without a GPU; the result files have one row per model and BN's ratios are 1 by construction."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'speed'
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_speed.py'), '--device', 'cpu',
+                           '--modes', 'eager', '--batch', '2', '--size', '32', '--reps', '2', '--warmup', '0',
+                           '--out', str(out)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((tmp_path / 'speed.json').read_text())
+    assert res['device'] == 'cpu' and list(res['modes']) == ['eager']
+    rows = res['modes']['eager']
+    assert list(rows) == ['bn', 'nbn', 'cbn_m4']
+    assert rows['bn']['train_x_bn'] == 1.0 and rows['bn']['eval_x_bn'] == 1.0
+    for v in rows.values():
+        assert v['train_img_s'] == pytest.approx(1e3 * 2 / v['train_ms']) and v['graph_breaks'] == 0
+        assert v['max_memory_gib'] is None  # CUDA's allocator statistics only
+    md = (tmp_path / 'speed.md').read_text()
+    assert md.count('| eager |') == 3 and 'wall-clock (a CPU dry run, not a measurement)' in md
+
+
+def test_gpu_exactness_flags_a_tensor_beyond_its_tolerance_and_says_failed(tmp_path):
+    """The exactness report's verdict comes from torch.allclose per tensor: a pair 1e-3 apart fails at
+    1e-4 (the row keeps the difference), a pair 1e-5 apart passes, a shape mismatch fails."""
+    import argparse
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location('gpu_exactness', os.path.join(root, 'benchmarks', 'gpu_exactness.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = torch.zeros(3, dtype=torch.float64)
+    rows = []
+    mod._compare('compiled.x', [('far', a + torch.tensor([0, 1e-3, 0]), a), ('near', a + 1e-5, a),
+                                ('shape', torch.zeros(2), torch.zeros(3))], 1e-4, 1e-4, rows)
+    assert [r['ok'] for r in rows] == [False, True, False]
+    assert rows[0]['max_abs_diff'] == pytest.approx(1e-3)
+    res = mod.write(rows, argparse.Namespace(device='cpu'), str(tmp_path / 'ex'))
+    assert res['passed'] is False
+    md = (tmp_path / 'ex.md').read_text()
+    assert '**FAILED**' in md and '| compiled.x | 3 | 2 | inf |' in md  # the shape mismatch
 
 
 @pytest.mark.parametrize('kernel', ['auto', 'pointwise'], ids=['native_ops', 'pointwise'])
