@@ -88,6 +88,7 @@ def run_mode(mode: str, args) -> dict:
         _sync(dev)
         out[key]['first_step_s'] = time.perf_counter() - t
         out[key]['graph_breaks'] = sum(counters['graph_break'].values()) - breaks  # 0 in eager
+        print(f"{mode} {key}: first training step and eval {out[key]['first_step_s']:.1f} s", flush=True)
         out[key]['max_memory_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == 'cuda' else None
     for rep in range(args.warmup + args.reps):
         for key, (train, evaluate) in runners.items():
