@@ -35,9 +35,10 @@ MIN_COUNT = 1.0
 _R_FLOOR = 1e-30
 # Three formulations of the same math (equal to float64 rounding, tests/test_compound_bn_kernels.py):
 # 'gemm': every sum over C or M is a batched GEMM with M on one side and the backward is analytic, so
-#   eager never holds an M x map-sized temporary; 'pointwise': broadcasts of (N, M, C, H, W) and sums,
-#   differentiated by autograd; eager would materialise them, but torch.compile fuses them into a few
-#   loops over the map (BN's memory traffic; GEMMs with an inner dimension of M stay library calls).
+#   eager never holds an M x map-sized temporary; 'pointwise': per-component broadcasts of the 4-D map and
+#   sums of BN's shape, differentiated by autograd; eager would materialise them, but torch.compile fuses
+#   them into a few loops over the map (BN's memory traffic; GEMMs with an inner dimension of M stay
+#   library calls).
 # 'native': the map-sized steps of 'gemm' as one C++ pass each (compound_bn_native; CPU float32/float64,
 #   built on first use), with the same analytic backward; where a step needs autograd through the map
 #   (responsibility_grad, train_stats='running' with gradients) it uses 'gemm'.
@@ -185,57 +186,53 @@ def _to4(t, h: int, w: int) -> torch.Tensor:
     return t.unflatten(2, (h, w)) if t.shape[2] > 1 else t.unsqueeze(3)
 
 
-def _pointwise_view(xc4):
-    """(xe, component axis, channel axis, position axes): a 5-D view of the map whose channel axis has
-    the map's own stride order, (N, 1, C, H, W) for a contiguous map and (N, H, W, 1, C) for a
-    channels_last one, so every sum over channels or positions runs along memory."""
-    if xc4.stride(1) == 1 and xc4.shape[1] > 1 and xc4.shape[2] * xc4.shape[3] > 1:
-        return xc4.permute(0, 2, 3, 1).unsqueeze(3), 3, 4, (0, 1, 2)
-    return xc4.unsqueeze(1), 1, 2, (0, 3, 4)
+def _cview(t: torch.Tensor) -> torch.Tensor:
+    """A (C,) coefficient row broadcasting against an (N, C, H, W) map."""
+    return t.view(1, -1, 1, 1)
 
 
-def _bview(t, comp: int, chan: Optional[int] = None) -> torch.Tensor:
-    """(M,) or (M, C) coefficients as a 5-D tensor broadcasting against _pointwise_view's xe."""
-    shape = [1] * 5
-    shape[comp] = t.shape[0]
-    if chan is not None:
-        shape[chan] = t.shape[1]
-    return t.reshape(shape)
-
-
-def _pointwise_posteriors(xc4, coef) -> torch.Tensor:
-    """softmax_k of l_pk / T in _pointwise_view's layout (size 1 on the channel axis): broadcasts and
-    one sum over C, no GEMM."""
+# The pointwise formulation keeps every map-sized tensor 4-D and writes each sum over components as a
+# Python sum of M terms.  Every reduction is then BN's own shape (over (N, H, W) per channel, or over C per
+# position), which inductor tiles well on GPUs and fuses: the M moment sums share one loop over the map.
+# A 5-D (N, M, C, H, W) broadcast reduced over (N, H, W) was 10x BN's step time on an H200
+# (docs/compound_bn_numerics.md#compiled-on-a-gpu).
+def _pointwise_posteriors(xc4, coef) -> Tuple[torch.Tensor, ...]:
+    """softmax_k of l_pk / T as M maps (N, 1, H, W): one sum over channels per component, max-subtracted."""
     w1, w2, const = coef
-    xe, comp, chan, _ = _pointwise_view(xc4)
-    logits = (xe * (_bview(w1, comp, chan) + xe * _bview(w2, comp, chan))).sum(chan, keepdim=True)
-    R = torch.softmax(logits + _bview(const, comp), comp)
-    return R if R.requires_grad else F.threshold(R, _R_FLOOR, 0.0)
+    logits = [(xc4 * (_cview(w1[k]) + xc4 * _cview(w2[k]))).sum(1, keepdim=True) + const[k]
+              for k in range(w1.shape[0])]
+    top = logits[0]
+    for lk in logits[1:]:
+        top = torch.maximum(top, lk)
+    e = [torch.exp(lk - top) for lk in logits]
+    total = e[0]
+    for ek in e[1:]:
+        total = total + ek
+    R = [ek / total for ek in e]
+    return tuple(r if r.requires_grad else F.threshold(r, _R_FLOOR, 0.0) for r in R)
 
 
-def _pointwise_groups(groups, m: int, xc4) -> torch.Tensor:
-    """The split path's one-hot group of each image as responsibilities in _pointwise_view's layout."""
-    _, comp, _, _ = _pointwise_view(xc4)
-    shape = [xc4.shape[0], 1, 1, 1, 1]
-    shape[comp] = m
-    return F.one_hot(groups, m).to(xc4.dtype).reshape(shape)
+def _pointwise_groups(groups, m: int, xc4) -> Tuple[torch.Tensor, ...]:
+    """The split path's one-hot group of each image as M responsibility maps (N, 1, 1, 1)."""
+    return tuple((groups == k).to(xc4.dtype).view(-1, 1, 1, 1) for k in range(m))
 
 
 def _pointwise_sums(R, xc4) -> torch.Tensor:
     """_batch_sums as broadcasts and sums: (M, 2 + 2C); R per position or per image (split path)."""
-    xe, comp, chan, pos = _pointwise_view(xc4)
-    hw = xc4.shape[2] * xc4.shape[3]
-    per_pos = R.numel() // (R.shape[0] * R.shape[comp])
-    rep = hw // per_pos  # H*W when R holds one weight per image
-    return torch.cat([(R.sum(pos + (chan,)) * rep).unsqueeze(1), ((R * R).sum(pos + (chan,)) * rep).unsqueeze(1),
-                      (R * xe).sum(pos), (R * (xe * xe)).sum(pos)], 1)
+    rep = (xc4.shape[2] * xc4.shape[3]) // (R[0].shape[2] * R[0].shape[3])  # H*W when R holds one weight per image
+    sq = xc4 * xc4
+    rows = [torch.cat([(r.sum() * rep).view(1), ((r * r).sum() * rep).view(1), (r * xc4).sum((0, 2, 3)),
+                       (r * sq).sum((0, 2, 3))]) for r in R]
+    return torch.stack(rows)
 
 
 def _pointwise_mix(R, scale, offset, xc4) -> torch.Tensor:
     """y = sum_k r_pk (scale_k (x_p - s) + offset_k) as (N, C, H, W) in the map's layout."""
-    xe, comp, chan, _ = _pointwise_view(xc4)
-    y = (R * (_bview(scale, comp, chan) * xe + _bview(offset, comp, chan))).sum(comp)
-    return y if comp == 1 else y.permute(0, 3, 1, 2)
+    y = None
+    for k, r in enumerate(R):
+        term = r * torch.addcmul(_cview(offset[k]), xc4, _cview(scale[k]))
+        y = term if y is None else y + term
+    return y.contiguous(memory_format=torch.channels_last) if _channels_fastest(xc4.flatten(2)) else y.contiguous()
 
 
 def _mix(R, scale, offset, xc4, out4: Optional[torch.Tensor]) -> torch.Tensor:
