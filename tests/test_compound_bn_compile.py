@@ -43,7 +43,7 @@ def test_compiled_layer_matches_eager_over_training_steps(channels_last, kernel)
 
 
 @pytest.mark.slow  # spawns a process
-@pytest.mark.parametrize('script', ['gpu_speed', 'gpu_exactness'])
+@pytest.mark.parametrize('script', ['gpu_speed', 'gpu_exactness', 'gpu_layer_speed'])
 def test_gpu_scripts_refuse_without_cuda_in_one_line(script, tmp_path):
     import os
     import subprocess
@@ -189,3 +189,50 @@ def test_native_custom_ops_pass_torch_library_opcheck(groups):
     torch.library.opcheck(compound_bn_ops.eval_forward, (x.detach(), *folded))
     torch.library.opcheck(compound_bn_ops.eval_running, (x.detach(), *args[1:4], args[4].detach(), args[5].detach(),
                                                          1e-5, 2.0, not groups))
+
+
+def _load_benchmark(name):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'benchmarks', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_layer_speed_reads_resnet50s_53_norm_shapes_and_sums_layers_times_ms():
+    """ResNet-50 at 224: 53 norm layers of 12 shapes, counted by hand from its stages (stem 64x112x112;
+    per stage of width w, blocks b and map s: b x (w, s) twice, minus the first block's first norm, which
+    sees the previous stage's map, and b + 1 x (4w, s) with the downsample)."""
+    mod = _load_benchmark('gpu_layer_speed')
+    shapes = mod.resnet50_norm_shapes(224)
+    assert sum(shapes.values()) == 53 and len(shapes) == 12
+    assert shapes[(64, 112, 112)] == 1 and shapes[(64, 56, 56)] == 6 and shapes[(256, 56, 56)] == 4
+    assert shapes[(128, 56, 56)] == 1 and shapes[(128, 28, 28)] == 7 and shapes[(512, 28, 28)] == 5
+    assert shapes[(256, 14, 14)] == 11 and shapes[(1024, 14, 14)] == 7 and shapes[(2048, 7, 7)] == 4
+    chosen, covered = mod.pick_shapes(shapes, 1)
+    total = sum(n * c * h * w for (c, h, w), n in shapes.items())
+    assert chosen == [(256, 56, 56)] and covered == pytest.approx(4 * 256 * 56 * 56 / total)
+    assert mod.pick_shapes(shapes, 12)[1] == pytest.approx(1.0)
+    res = {'modes': {'eager': {'bn': {'a': {'train_ms': 1.0, 'eval_ms': 0.5}, 'b': {'train_ms': 2.0, 'eval_ms': 1.0}},
+                               'gemm': {'a': {'train_ms': 3.0, 'eval_ms': 1.0}, 'b': {'train_ms': 2.0, 'eval_ms': 4.0}}}},
+           'summary': {}}
+    mod.summarise(res, {'a': 2, 'b': 5})
+    s = res['summary']['eager']
+    assert s['bn']['train_network_ms'] == 12.0 and s['gemm']['train_network_ms'] == 16.0  # 2 x 3 + 5 x 2
+    assert s['gemm']['train_x_bn'] == pytest.approx(16 / 12) and s['gemm']['eval_x_bn'] == pytest.approx(22 / 6)
+
+
+@pytest.mark.slow  # a process
+def test_gpu_layer_speed_refuses_a_base_that_is_neither_a_folder_nor_a_revision(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_layer_speed.py'), '--device', 'cpu',
+                           '--base', 'no-such-rev', '--out', str(tmp_path / 'res')], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 1
+    assert "--base 'no-such-rev' is neither a folder with an lt_zoo/ package nor a git revision" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
