@@ -38,6 +38,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from gpu_speed import sync, timed_ms  # benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ('gemm', 'pointwise')
@@ -63,24 +64,6 @@ def pick_shapes(shapes: collections.Counter, top: int):
     numel = {s: n * s[0] * s[1] * s[2] for s, n in shapes.items()}
     chosen = sorted(numel, key=lambda s: -numel[s])[:top]
     return chosen, sum(numel[s] for s in chosen) / sum(numel.values())
-
-
-def _sync(device: str) -> None:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def _ms(fn, device: str) -> float:
-    if device == 'cpu':
-        t = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
 
 
 def make_layer(variant: str, channels: int, device: str) -> torch.nn.Module:
@@ -115,16 +98,16 @@ def time_layer(variant: str, shape, mode: str, args, profile: int = 0) -> dict:
     t = time.perf_counter()
     train()
     evaluate()
-    _sync(dev)
+    sync(dev)
     row = {'first_call_s': time.perf_counter() - t}
     for name, call in (('train', train), ('eval', evaluate)):
-        ts = [_ms(call, dev) for _ in range(args.warmup + args.reps)][args.warmup:]
+        ts = [timed_ms(call, dev) for _ in range(args.warmup + args.reps)][args.warmup:]
         row[f'{name}_ms'] = statistics.median(ts)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof_ctx
         with prof_ctx(activities=[ProfilerActivity.CUDA if dev == 'cuda' else ProfilerActivity.CPU]) as prof:
             train()
-            _sync(dev)
+            sync(dev)
         attr = 'self_device_time_total' if dev == 'cuda' else 'self_cpu_time_total'
         rows = sorted(((e.key, e.count, getattr(e, attr) / 1e3) for e in prof.key_averages()), key=lambda r: -r[2])
         row['profile'] = [{'kernel': k[:120], 'calls': n, 'ms': ms} for k, n, ms in rows[:profile] if ms > 0]

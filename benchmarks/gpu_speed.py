@@ -54,7 +54,8 @@ def _steps(model, opt, x, y):
     return train, evaluate
 
 
-def _ms(fn, device: str) -> float:
+def timed_ms(fn, device: str) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on a GPU, wall clock on the CPU (dry runs)."""
     if device == 'cpu':
         t = time.perf_counter()
         fn()
@@ -67,7 +68,7 @@ def _ms(fn, device: str) -> float:
     return start.elapsed_time(end)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device == 'cuda':
         torch.cuda.synchronize()
 
@@ -101,7 +102,7 @@ def profile_kernels(train, top: int, device: str) -> list:
     activity = ProfilerActivity.CUDA if device == 'cuda' else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         train()
-        _sync(device)
+        sync(device)
     attr = 'self_device_time_total' if device == 'cuda' else 'self_cpu_time_total'
     rows = [(e.key, e.count, getattr(e, attr) / 1e3) for e in prof.key_averages()]
     rows = [r for r in rows if r[2] > 0]
@@ -122,14 +123,14 @@ def run_model(key: str, mode: str, args, x, y) -> dict:
     t = time.perf_counter()
     train()
     evaluate()
-    _sync(dev)
+    sync(dev)
     first = time.perf_counter() - t
     print(f"{mode} {key}: first training step and eval {first:.1f} s", flush=True)
     row = {'first_step_s': first, 'graph_breaks': sum(counters['graph_break'].values()) - breaks,  # 0 in eager
            'max_memory_gib': torch.cuda.max_memory_allocated() / 2 ** 30 if dev == 'cuda' else None}
     times = {'train': [], 'eval': []}
     for rep in range(args.warmup + args.reps):
-        tr, ev = _ms(train, dev), _ms(evaluate, dev)
+        tr, ev = timed_ms(train, dev), timed_ms(evaluate, dev)
         if rep >= args.warmup:
             times['train'].append(tr)
             times['eval'].append(ev)

@@ -194,7 +194,10 @@ def test_native_custom_ops_pass_torch_library_opcheck(groups):
 def _load_benchmark(name):
     import importlib.util
     import os
+    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.join(root, 'benchmarks') not in sys.path:  # the benchmarks import each other
+        sys.path.insert(0, os.path.join(root, 'benchmarks'))
     spec = importlib.util.spec_from_file_location(name, os.path.join(root, 'benchmarks', f'{name}.py'))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -236,3 +239,35 @@ def test_gpu_layer_speed_refuses_a_base_that_is_neither_a_folder_nor_a_revision(
     assert proc.returncode == 1
     assert "--base 'no-such-rev' is neither a folder with an lt_zoo/ package nor a git revision" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # two processes, a few layers each
+def test_gpu_layer_speed_dry_run_times_this_tree_and_a_base_folder_per_shape(tmp_path):
+    """``--device cpu --base DIR``: BN and every kernel of this tree, then the base folder's CBN in a child
+    process whose ``lt_zoo`` is the folder's (a copy of this tree's package with a marker: the child must
+    import it, not the installed one), one row per shape and variant, summed over the layers of each shape."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = tmp_path / 'base'
+    shutil.copytree(os.path.join(root, 'lt_zoo'), base / 'lt_zoo', ignore=shutil.ignore_patterns('__pycache__'))
+    with open(base / 'lt_zoo' / 'layers' / 'compound_bn.py', 'a') as f:  # what the child imported, made visible
+        f.write("\nimport os as _os\nopen(_os.environ['BASE_MARK'], 'w').write(__file__)\n")
+    mark = tmp_path / 'mark.txt'
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_layer_speed.py'), '--device', 'cpu',
+                           '--modes', 'eager', '--top', '2', '--size', '32', '--batch', '2', '--reps', '1',
+                           '--warmup', '0', '--base', str(base), '--out', str(tmp_path / 'res')],
+                          capture_output=True, text=True, timeout=600, cwd=root, env=dict(os.environ, BASE_MARK=str(mark)))
+    assert proc.returncode == 0, proc.stderr
+    assert mark.read_text() == str(base / 'lt_zoo' / 'layers' / 'compound_bn.py')
+    res = json.loads((tmp_path / 'res.json').read_text())
+    rows = res['modes']['eager']
+    assert list(rows) == ['bn', 'gemm', 'pointwise', 'base:gemm', 'base:pointwise']
+    assert all(list(r) == list(res['counts']) for r in rows.values()) and len(res['counts']) == 2
+    for variant, r in rows.items():
+        total = sum(res['counts'][k] * v['train_ms'] for k, v in r.items())
+        assert res['summary']['eager'][variant]['train_network_ms'] == pytest.approx(total)
+    assert res['summary']['eager']['bn']['train_x_bn'] == 1.0
