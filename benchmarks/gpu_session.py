@@ -13,9 +13,14 @@ versions installed here (``datasets`` and its ``dill`` and ``multiprocess``; ``t
 may be older than lt_zoo needs), copies Fashion-MNIST's four IDX files, ignores ``.device/`` through
 ``.git/info/exclude`` and prints the command and the carry list.
 
+``prepare --base REV`` also extracts ``lt_zoo/`` of git revision REV into ``.device/base`` (the device
+copy of the tree has no git history), for the layer comparison's ``--base``.
+
 ``run`` installs the wheels into /tmp/site, puts the IDX files where the loader looks first, prints the
-versions it found, runs ``benchmarks/gpu_speed.py`` (at most ``--speed_minutes``) and
-``benchmarks/gpu_exactness.py`` (at most three minutes; skipped with the speed run), then the benchmark
+versions it found, runs the GPU checks of ``--checks`` in this order: ``layer``
+(``benchmarks/gpu_layer_speed.py --top 3 --profile 10``, with ``--base .device/base`` when staged; at most
+three minutes), ``exactness`` (``benchmarks/gpu_exactness.py``, at most two) and ``speed``
+(``benchmarks/gpu_speed.py --models bn cbn_m4``, at most ``--speed_minutes``), then the benchmark
 runner at ``--epochs`` for ``--rows`` and ``--seeds`` until ``--minutes`` are spent, rebuilds that
 budget's tables and packs every result file into ``$OUT/results.tar.gz``.  Unpack it in the repository
 root (``tar -xzf <files_at>/results.tar.gz``): finished pairs land as records under
@@ -53,8 +58,16 @@ PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_17_x
 TRAVEL_LIMIT = 64 * 2 ** 20
 # the cheap rows first, so that a short session still records a comparison: BN, the CBN layer, CE
 DEFAULT_ROWS = ('balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'ce')
-# gpu_exactness.py compiles a dozen single-layer graphs: about a minute and a half on 2 CPU cores
-EXACTNESS_S = 180
+# the GPU checks: (name, command after the interpreter, limit in s; None: --speed_minutes, extra environment).
+# Limits from the H200 sessions of 2026-12-04: exactness ran in 28 s, a layer compiles in seconds, the
+# whole CBN network in 124 s on one host and in over 300 s on another (docs/benchmark.md).
+CHECKS = (
+    ('layer', ['benchmarks/gpu_layer_speed.py', '--top', '3', '--profile', '10'], 180, {}),
+    # float64 reference on the CPU: LT_ZOO_NATIVE=0, so no C++ build there
+    ('exactness', ['benchmarks/gpu_exactness.py'], 120, {'LT_ZOO_NATIVE': '0'}),
+    ('speed', ['benchmarks/gpu_speed.py', '--models', 'bn', 'cbn_m4'], None, {}),
+)
+BASE = os.path.join(STAGE, 'base')
 
 
 def _tree_bytes() -> int:
@@ -62,6 +75,20 @@ def _tree_bytes() -> int:
                            capture_output=True, check=True).stdout.split(b'\0')
     return sum(os.path.getsize(os.path.join(ROOT, f.decode())) for f in files
                if f and os.path.isfile(os.path.join(ROOT, f.decode())))
+
+
+def stage_base(rev: str, dest: str = BASE) -> str:
+    """``lt_zoo/`` of git revision ``rev`` in ``dest`` (replaced), with the revision in ``dest``/REV."""
+    archive = subprocess.run(['git', 'archive', rev, 'lt_zoo'], cwd=ROOT, capture_output=True)
+    if archive.returncode != 0:
+        sys.exit(f"gpu_session.py prepare: error: --base {rev!r} is not a git revision here "
+                 f"({archive.stderr.decode().strip()})")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    subprocess.run(['tar', '-x', '-C', dest], input=archive.stdout, check=True)
+    with open(os.path.join(dest, 'REV'), 'w') as f:
+        f.write(rev + '\n')
+    return dest
 
 
 def prepare(args) -> None:
@@ -76,6 +103,8 @@ def prepare(args) -> None:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             sys.exit(f"gpu_session.py prepare: error: {name} is not installed here; run bash .ci/setup first")
+    if args.base:
+        stage_base(args.base)
     shutil.rmtree(WHEELS, ignore_errors=True)
     os.makedirs(WHEELS)
     cmd = [sys.executable, '-m', 'pip', 'download', '-q', '--disable-pip-version-check', '--no-deps',
@@ -92,7 +121,7 @@ def prepare(args) -> None:
         if '/.device/' not in lines:
             with open(exclude, 'a') as fh:
                 fh.write('/.device/\n')
-    staged = sum(os.path.getsize(p) for p in glob.glob(os.path.join(STAGE, '*', '*')))
+    staged = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(STAGE) for f in fs)
     total = _tree_bytes() + staged
     print(f"staged {len(os.listdir(WHEELS))} wheels ({', '.join(f'{n} {v}' for n, v in versions.items())}) and "
           f"Fashion-MNIST in .device/: {staged / 2 ** 20:.1f} MiB; with the working tree {total / 2 ** 20:.1f} MiB "
@@ -129,7 +158,8 @@ def pack(root: str, out: str, epochs: int) -> str:
     (as .device/progress/e<epochs>/<row>/seed<k>/metrics.jsonl)."""
     results = os.path.join(root, 'benchmarks', 'results')
     runs = os.path.join(root, 'runs', f'bench_e{epochs}')
-    paths = (glob.glob(os.path.join(results, 'gpu_speed.*')) + glob.glob(os.path.join(results, 'gpu_exactness.*'))
+    paths = ([p for name in ('gpu_speed', 'gpu_exactness', 'gpu_layer_speed')
+              for p in glob.glob(os.path.join(results, f'{name}.*'))]
              + glob.glob(os.path.join(results, f'*_e{epochs}.*'))
              + glob.glob(os.path.join(results, f'*_e{epochs}_curves.png')))
     records = os.path.join(results, f'fmnist_lt_e{epochs}_runs')
@@ -191,16 +221,20 @@ def run(args) -> None:
         sys.exit(f'gpu_session.py run: error: the runner refused --rows {" ".join(args.rows)} / --seeds '
                  f'{" ".join(map(str, args.seeds))} (above)')
 
-    if args.speed_minutes > 0:
-        rc = _run_logged([sys.executable, 'benchmarks/gpu_speed.py'], log, env, args.speed_minutes * 60)
-        print(f'gpu_speed.py: exit {rc}' if rc is not None else 'gpu_speed.py: stopped at --speed_minutes', flush=True)
-        # CUDA's formulations against a float64 CPU run; LT_ZOO_NATIVE=0: no C++ build for the CPU reference
-        rc = _run_logged([sys.executable, 'benchmarks/gpu_exactness.py'], log, dict(env, LT_ZOO_NATIVE='0'),
-                         EXACTNESS_S)
-        print(f'gpu_exactness.py: exit {rc}' if rc is not None else 'gpu_exactness.py: stopped', flush=True)
+    for name, cmd, limit, extra in CHECKS:
+        if name not in args.checks or (name == 'speed' and args.speed_minutes <= 0):
+            continue
+        if name == 'layer' and os.path.isdir(os.path.join(BASE, 'lt_zoo')):
+            cmd = cmd + ['--base', BASE]
+        limit = args.speed_minutes * 60 if limit is None else limit
+        rc = _run_logged([sys.executable, *cmd], log, dict(env, **extra), limit)
+        print(f'{cmd[0]}: exit {rc}' if rc is not None else f'{cmd[0]}: stopped after {limit:.0f} s', flush=True)
     left = args.minutes * 60 - (time.monotonic() - start) - 60  # a minute for the tables and the archive
-    rc = _run_logged(plan, log, env, left)
-    print(f'runner: exit {rc}' if rc is not None else 'runner: stopped at --minutes', flush=True)
+    if left >= 60:
+        rc = _run_logged(plan, log, env, left)
+        print(f'runner: exit {rc}' if rc is not None else 'runner: stopped at --minutes', flush=True)
+    else:
+        print(f'runner: skipped, {max(left, 0):.0f} s of --minutes left after the checks', flush=True)
     _run_logged([sys.executable, 'benchmarks/fmnist_lt.py', '--epochs', str(args.epochs), '--report_only'], log, env,
                 60)
     archive = pack(ROOT, args.out, args.epochs)
@@ -216,11 +250,15 @@ def main():
     sub = ap.add_subparsers(dest='step', required=True)
     p = sub.add_parser('prepare', help='here: stage wheels and Fashion-MNIST in .device/')
     p.add_argument('--fmnist_dir', default=FMNIST_DIR, help='where Fashion-MNIST\'s IDX files are here')
+    p.add_argument('--base', default=None, help='git revision whose lt_zoo/ the layer check times beside this '
+                   'tree\'s (staged in .device/base)')
     r = sub.add_parser('run', help='on the GPU machine: throughput, then the rows at --epochs until --minutes')
     r.add_argument('--out', default=os.environ.get('OUT', ''), help='folder for session.log and results.tar.gz '
                    '($OUT of the device tool)')
     r.add_argument('--minutes', type=float, default=10.0, help='wall-clock budget of the whole command (the '
                    'device tool allows 10 per command and 15 per session, start-up included)')
+    r.add_argument('--checks', nargs='*', default=[c[0] for c in CHECKS], choices=[c[0] for c in CHECKS],
+                   help='GPU checks before the training rows (none: train only)')
     r.add_argument('--speed_minutes', type=float, default=4.0, help='at most this much of it for gpu_speed.py '
                    '(0: skip it)')
     r.add_argument('--epochs', type=int, default=200, help='the budget (200: the papers\')')

@@ -531,7 +531,7 @@ def test_gpu_session_packs_exactly_one_budgets_results_and_the_progress_of_unfin
     session = _load('gpu_session')
     res, out = tmp_path / 'benchmarks' / 'results', tmp_path / 'out'
     out.mkdir()
-    for rel in ('gpu_speed.json', 'gpu_speed.md', 'gpu_exactness.json', 'fmnist_lt_e200.md', 'plateau_e200_curves.png',
+    for rel in ('gpu_speed.json', 'gpu_speed.md', 'gpu_exactness.json', 'gpu_layer_speed.md', 'fmnist_lt_e200.md', 'plateau_e200_curves.png',
                 'fmnist_lt_e200_runs/ce/seed0/eval.json', 'fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
                 # not this budget's: the protocol's own table, another budget, a look-alike
                 'fmnist_lt.md', 'fmnist_lt_e20.md', 'fmnist_lt_e2000.md', 'fmnist_lt_e20_runs/ce/seed0/eval.json'):
@@ -547,11 +547,44 @@ def test_gpu_session_packs_exactly_one_budgets_results_and_the_progress_of_unfin
         progress = tar.extractfile('.device/progress/e200/bs_aa/seed1/metrics.jsonl').read()
     assert files == sorted([
         'benchmarks/results/gpu_speed.json', 'benchmarks/results/gpu_speed.md',
-        'benchmarks/results/gpu_exactness.json', 'benchmarks/results/fmnist_lt_e200.md', 'benchmarks/results/plateau_e200_curves.png',
+        'benchmarks/results/gpu_exactness.json', 'benchmarks/results/gpu_layer_speed.md',
+        'benchmarks/results/fmnist_lt_e200.md', 'benchmarks/results/plateau_e200_curves.png',
         'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/eval.json',
         'benchmarks/results/fmnist_lt_e200_runs/ce/seed0/metrics.jsonl',
         '.device/progress/e200/bs_aa/seed1/metrics.jsonl'])
     assert progress == b'bs_aa/seed1'
+
+
+def test_gpu_session_stages_a_revisions_package_for_the_layer_comparison(tmp_path):
+    """``prepare --base REV`` puts REV's lt_zoo/ (as git stores it, not the working tree's) where the device
+    command finds it, with the revision named; a second staging replaces the first."""
+    import subprocess
+    session = _load('gpu_session')
+    rev = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    if not rev:  # a clean clone always has a HEAD: an empty answer is a failure, not a reason to skip
+        pytest.fail('git rev-parse HEAD gave nothing')
+    dest = tmp_path / 'base'
+    (dest / 'stale').mkdir(parents=True)
+    session.stage_base(rev, str(dest))
+    assert not (dest / 'stale').exists() and (dest / 'REV').read_text() == rev + '\n'
+    stored = subprocess.run(['git', 'show', f'{rev}:lt_zoo/layers/compound_bn.py'], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    assert (dest / 'lt_zoo' / 'layers' / 'compound_bn.py').read_text() == stored
+    assert sorted(p.name for p in dest.iterdir()) == ['REV', 'lt_zoo']
+
+
+def test_gpu_session_refuses_an_unknown_base_revision_before_downloading(tmp_path):
+    import subprocess
+    import sys
+    fmnist = tmp_path / 'fmnist'
+    fmnist.mkdir()
+    for name in ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', 't10k-images-idx3-ubyte.gz',
+                 't10k-labels-idx1-ubyte.gz'):
+        (fmnist / name).write_bytes(b'')
+    proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_session.py'), 'prepare', '--fmnist_dir',
+                           str(fmnist), '--base', 'no-such-rev'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "--base 'no-such-rev' is not a git revision here" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize('argv,message', [
