@@ -192,10 +192,10 @@ def _cview(t: torch.Tensor) -> torch.Tensor:
 
 
 # The pointwise formulation keeps every map-sized tensor 4-D and writes each sum over components as a
-# Python sum of M terms.  Every reduction is then BN's own shape (over (N, H, W) per channel, or over C per
-# position), which inductor tiles well on GPUs and fuses: the M moment sums share one loop over the map.
-# A 5-D (N, M, C, H, W) broadcast reduced over (N, H, W) was 10x BN's step time on an H200
-# (docs/compound_bn_numerics.md#compiled-on-a-gpu).
+# Python sum of M terms.  Every reduction then has the shape of BN's statistics (over (N, H, W) per
+# channel) or of a sum over C per position, and the M moment sums can share one loop over the map.  The
+# earlier formulation, one 5-D broadcast reduced over its position axes, compiled to a training step of
+# 9.6x BN's on an H200 (docs/compound_bn_numerics.md#compiled-on-a-gpu: the diagnosis and its status).
 def _pointwise_posteriors(xc4, coef) -> Tuple[torch.Tensor, ...]:
     """softmax_k of l_pk / T as M maps (N, 1, H, W): one sum over channels per component, max-subtracted."""
     w1, w2, const = coef
