@@ -91,8 +91,8 @@ def _run_pair(name, make_test, reference, device, ref_device, ref_dtype, fmt, sp
     test_module.eval(), reference.eval()
     x, _, _ = _inputs(STEPS, fmt, gen)
     with torch.no_grad():
-        _compare(name, [('eval.output', test_layer(x.to(device, torch.float32)), reference(x.to(ref_device, ref_dtype)))],
-                 rtol, atol, rows)
+        got, want = test_layer(x.to(device, torch.float32)), reference(x.to(ref_device, ref_dtype))
+        _compare(name, [('eval.output', got, want)], rtol, atol, rows)
 
 
 def run(device: str) -> list:

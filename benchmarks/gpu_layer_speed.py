@@ -18,8 +18,8 @@ shapes of (layers of that shape) x (ms per call).
 is extracted with ``git archive``) or a folder holding an ``lt_zoo/`` package (on a machine without the
 repository's history, extract it here first: ``git archive REV lt_zoo | tar -x -C .device/base``).  The
 base runs in a child process with that package first on ``sys.path``; its rows are named ``base:<kernel>``.
-``--profile K`` lists, for the largest shape, the K GPU kernels taking the most time in one compiled
-training call of each variant.
+``--compile_mode`` passes torch.compile's ``mode``.  ``--profile K`` lists, for the largest shape, the K
+GPU kernels taking the most time in one compiled training call of each variant.
 
 Writes benchmarks/results/gpu_layer_speed.json and .md.  Without CUDA it exits with a one-line error;
 ``--device cpu`` is a dry run of the script (with ``LT_ZOO_NATIVE=0`` CBN takes CUDA's formulations).
@@ -38,7 +38,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from gpu_speed import sync, timed_ms  # benchmarks/ is on sys.path
+from gpu_speed import COMPILE_MODES, sync, timed_ms  # benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ('gemm', 'pointwise')
@@ -80,7 +80,7 @@ def time_layer(variant: str, shape, mode: str, args, profile: int = 0) -> dict:
     dev = args.device
     torch._dynamo.reset()  # a fresh cache per layer: the recompile limit would otherwise fall back to eager
     layer = make_layer(variant, shape[0], dev)
-    fn = torch.compile(layer, fullgraph=True) if mode == 'compiled' else layer
+    fn = torch.compile(layer, fullgraph=True, mode=args.compile_mode) if mode == 'compiled' else layer
     x = torch.randn(args.batch, *shape, device=dev, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(x)
 
@@ -158,20 +158,24 @@ def write_markdown(res: dict, path: str) -> None:
     env = res['environment']
     lines = ['# Norm layers of ResNet-50 on GPU: CBN formulations against BN', '',
              f"Command: `{res['command']}`.  {env['gpu']}, torch {env['torch']}, {env['date']}.  Batch {res['batch']}, "
-             f"{res['size']}x{res['size']} input, bf16 maps in channels_last, M = {COMPONENTS}; median of {res['reps']} "
+             f"{res['size']}x{res['size']} input, bf16 maps in channels_last, M = {COMPONENTS}; median of "
+             f"{res['reps']} "
              f"calls after {res['warmup']}.  The {len(res['shapes'])} timed shapes hold "
              f"{100 * res['covered']:.0f}% of the network's norm-layer elements; `network ms` = layers x ms over them.",
-             '', '| mode | variant | train network ms | train x BN | eval network ms | eval x BN |', '|---|---|---|---|---|---|']
+             '', '| mode | variant | train network ms | train x BN | eval network ms | eval x BN |',
+             '|---|---|---|---|---|---|']
     fmt = lambda v: '-' if v is None else f'{v:.2f}'  # noqa: E731
     for mode, variants in res['summary'].items():
         for variant, s in variants.items():
             lines.append(f"| {mode} | {variant} | {s['train_network_ms']:.2f} | {fmt(s['train_x_bn'])} | "
                          f"{s['eval_network_ms']:.2f} | {fmt(s['eval_x_bn'])} |")
-    lines += ['', '| mode | variant | shape (C,H,W) x layers | train ms | eval ms | first call s |', '|---|---|---|---|---|---|']
+    lines += ['', '| mode | variant | shape (C,H,W) x layers | train ms | eval ms | first call s |',
+              '|---|---|---|---|---|---|']
     for mode, variants in res['modes'].items():
         for variant, rows in variants.items():
             for k, r in rows.items():
-                lines.append(f"| {mode} | {variant} | {k} x {res['counts'][k]} | {r['train_ms']:.3f} | {r['eval_ms']:.3f} | "
+                lines.append(f"| {mode} | {variant} | {k} x {res['counts'][k]} | {r['train_ms']:.3f} | "
+                             f"{r['eval_ms']:.3f} | "
                              f"{r['first_call_s']:.1f} |")
     for mode, variants in res['modes'].items():
         for variant, rows in variants.items():
@@ -195,6 +199,8 @@ def main():
     ap.add_argument('--size', type=int, default=224)
     ap.add_argument('--reps', type=int, default=20)
     ap.add_argument('--warmup', type=int, default=5)
+    ap.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                    help="torch.compile's mode: 'reduce-overhead' replays CUDA graphs (no launch cost per kernel)")
     ap.add_argument('--profile', type=int, default=0, help='top GPU kernels of the largest shape, compiled (0: none)')
     ap.add_argument('--device', default='cuda', choices=['cuda', 'cpu'], help='cpu: a dry run of this script')
     ap.add_argument('--out', default=os.path.join('benchmarks', 'results', 'gpu_layer_speed'),
@@ -236,8 +242,9 @@ def main():
         measure(['bn', *args.kernels], args, res['modes'], save)
         if base:
             child = os.path.join(workdir, 'base.json')
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join([base] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--worker', child], env=env, check=True)
+            path = os.pathsep.join([base] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--worker', child],
+                           env=dict(os.environ, PYTHONPATH=path), check=True)
             with open(child) as f:
                 for mode, variants in json.load(f).items():
                     for variant, rows in variants.items():

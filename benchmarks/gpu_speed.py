@@ -11,7 +11,8 @@ timed with CUDA events over ``--warmup`` + ``--reps`` alternating training and e
 kept; the results files are rewritten after every model, so a run stopped by a time limit keeps what it
 measured.  ``--cbn_kernels`` times ``resnet50_cbn`` once per CompoundBatchNorm2d ``kernel`` attribute
 ('auto': the formulation the layer picks; 'gemm' and 'pointwise' force one, docs/compound_bn_numerics.md).
-``--profile K`` adds, per model, the K GPU kernels that take the most time in one profiled training step.
+``--compile_mode`` passes torch.compile's ``mode``.  ``--profile K`` adds, per model, the K GPU kernels
+that take the most time in one profiled training step.
 Writes benchmarks/results/gpu_speed.json and .md (relative paths, the command line recorded).  Without
 CUDA it exits with a one-line error.
 
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {'bn': ('resnet50', {}), 'nbn': ('resnet50_nbn', {}), 'cbn_m4': ('resnet50_cbn', {'num_components': 4})}
 KERNELS = ('auto', 'gemm', 'pointwise')
+# torch.compile modes worth comparing for a layer that launches many small kernels per call
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune-no-cudagraphs')
 
 
 def _steps(model, opt, x, y):
@@ -116,7 +119,7 @@ def run_model(key: str, mode: str, args, x, y) -> dict:
     dev = args.device
     model = build(key, dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    train, evaluate = _steps(torch.compile(model) if mode == 'compiled' else model, opt, x, y)
+    train, evaluate = _steps(torch.compile(model, mode=args.compile_mode) if mode == 'compiled' else model, opt, x, y)
     if dev == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     breaks = sum(counters['graph_break'].values())
@@ -162,7 +165,8 @@ def write_markdown(res, path):
              f"{res['batch']}, {res['size']}x{res['size']}, bf16 autocast, channels_last, synthetic data, median "
              f"of {res['reps']} repetitions after {res['warmup']} warm-up, {timing} timing.  `x BN`: time per "
              f"step over BN's (the inverse of the img/s ratio).", '',
-             '| mode | model | train img/s | train x BN | eval img/s | eval x BN | first step s | peak GiB (first step) '
+             '| mode | model | train img/s | train x BN | eval img/s | eval x BN | first step s '
+             '| peak GiB (first step) '
              '| graph breaks |', '|---|---|---|---|---|---|---|---|---|']
     fmt = lambda v, k: '-' if v.get(k) is None else f'{v[k]:.2f}'  # noqa: E731
     for mode, models in res['modes'].items():
@@ -194,6 +198,8 @@ def main():
                     help='bn comes first whenever it is named: the ratios are relative to it')
     ap.add_argument('--cbn_kernels', nargs='+', default=['auto'], choices=KERNELS,
                     help="CompoundBatchNorm2d.kernel of the cbn_m4 rows ('auto': the layer's own choice)")
+    ap.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                    help="torch.compile's mode: 'reduce-overhead' replays CUDA graphs (no launch cost per kernel)")
     ap.add_argument('--profile', type=int, default=0, help='list this many top GPU kernels per model (0: none)')
     ap.add_argument('--device', default='cuda', choices=['cuda', 'cpu'],
                     help="cpu: a dry run of the code paths (not a measurement); give it a small --size and --out")
