@@ -38,7 +38,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from gpu_speed import COMPILE_MODES, sync, timed_ms  # benchmarks/ is on sys.path
+from gpu_speed import COMPILE_MODES, profile_kernels, sync, timed_ms  # benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = ('gemm', 'pointwise')
@@ -104,19 +104,12 @@ def time_layer(variant: str, shape, mode: str, args, profile: int = 0) -> dict:
         ts = [timed_ms(call, dev) for _ in range(args.warmup + args.reps)][args.warmup:]
         row[f'{name}_ms'] = statistics.median(ts)
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof_ctx
-        with prof_ctx(activities=[ProfilerActivity.CUDA if dev == 'cuda' else ProfilerActivity.CPU]) as prof:
-            train()
-            sync(dev)
-        attr = 'self_device_time_total' if dev == 'cuda' else 'self_cpu_time_total'
-        rows = sorted(((e.key, e.count, getattr(e, attr) / 1e3) for e in prof.key_averages()), key=lambda r: -r[2])
-        row['profile'] = [{'kernel': k[:120], 'calls': n, 'ms': ms} for k, n, ms in rows[:profile] if ms > 0]
+        row['profile'] = profile_kernels(train, profile, dev)
     return row
 
 
-def measure(variants, args, out: dict, on_row=lambda: None) -> dict:
-    """Fill ``out`` as {mode: {variant: {'C,H,W': row}}} for the chosen shapes, calling ``on_row`` after each."""
-    shapes, _ = pick_shapes(resnet50_norm_shapes(args.size), args.top)
+def measure(variants, shapes, args, out: dict, on_row=lambda: None) -> dict:
+    """Fill ``out`` as {mode: {variant: {'C,H,W': row}}} for ``shapes``, calling ``on_row`` after each row."""
     for mode in args.modes:
         for variant in variants:
             for i, shape in enumerate(shapes):
@@ -216,12 +209,12 @@ def main():
     torch.manual_seed(0)
     if args.worker:
         with open(args.worker, 'w') as f:
-            json.dump(measure(args.kernels, args, {}), f)
+            json.dump(measure(args.kernels, pick_shapes(resnet50_norm_shapes(args.size), args.top)[0], args, {}), f)
         return
     workdir = tempfile.mkdtemp()
     base = base_tree(args.base, workdir) if args.base else None  # refuses a bad --base before any timing
-    shapes, covered = pick_shapes(resnet50_norm_shapes(args.size), args.top)
     counts = resnet50_norm_shapes(args.size)
+    shapes, covered = pick_shapes(counts, args.top)
     res = {'command': 'python benchmarks/gpu_layer_speed.py ' + ' '.join(sys.argv[1:]), 'batch': args.batch,
            'size': args.size, 'reps': args.reps, 'warmup': args.warmup, 'device': args.device,
            'shapes': [list(s) for s in shapes], 'covered': covered,
@@ -239,7 +232,7 @@ def main():
         write_markdown(res, out + '.md')
 
     try:
-        measure(['bn', *args.kernels], args, res['modes'], save)
+        measure(['bn', *args.kernels], shapes, args, res['modes'], save)
         if base:
             child = os.path.join(workdir, 'base.json')
             path = os.pathsep.join([base] + [p for p in [os.environ.get('PYTHONPATH')] if p])
