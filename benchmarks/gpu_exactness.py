@@ -70,10 +70,11 @@ def _compare(name, pairs, rtol, atol, rows):
                      'dtype': str(got.dtype).replace('torch.', ''), 'ok': ok})
 
 
-def _run_pair(name, make_test, reference, device, ref_device, ref_dtype, fmt, split, rtol, atol, buf_tol, rows):
-    """Train ``make_test()`` (on ``device``) and ``reference`` (on ``ref_device`` in ``ref_dtype``) side by side."""
+def _run_pair(name, test, reference, device, ref_device, ref_dtype, fmt, split, rtol, atol, buf_tol, rows):
+    """Train ``test`` = (callable, its CompoundBatchNorm2d) on ``device`` and ``reference`` on ``ref_device`` in
+    ``ref_dtype`` side by side."""
     gen = torch.Generator().manual_seed(0)
-    test_layer, test_module = make_test
+    test_layer, test_module = test
     for step in range(STEPS):
         x, g, t = _inputs(step, fmt, gen)
         y_ref, gx_ref = _step(reference, reference, x.to(ref_device, ref_dtype), g.to(ref_device, ref_dtype),
