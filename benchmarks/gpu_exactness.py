@@ -1,11 +1,12 @@
 """Compound BN on a GPU computes what it computes on the CPU: eager CUDA against a float64 CPU run, and
 ``torch.compile`` (inductor's Triton kernels) against eager CUDA, over training steps and in eval.
 
-    python benchmarks/gpu_exactness.py [--device cuda] [--out benchmarks/results/gpu_exactness]
+    python benchmarks/gpu_exactness.py [--device cuda] [--kernels auto triton] [--out benchmarks/results/gpu_exactness]
 
 The CPU suite proves compiled == eager on the CPU (tests/test_compound_bn_compile.py).  On CUDA the layer
 runs other code: eager takes the GEMM formulation (cuBLAS), a compiled graph the pointwise one (Triton
-kernels that inductor generates), and the native CPU kernel takes no part.  Each check runs three
+kernels that inductor generates), and the native CPU kernel takes no part; ``kernel='triton'`` runs
+lt_zoo's own Triton passes eager and compiled (checks named ``<check>.triton.*``).  Each check runs three
 training steps (forward, backward, running-state update) on the same inputs and then one eval forward,
 and compares outputs, input and parameter gradients and the running buffers:
 
@@ -35,6 +36,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUFFERS = ('running_prior', 'running_mean', 'running_var', 'num_batches_tracked', 'last_counts')
 STEPS = 3
+KERNELS = ('auto', 'triton')  # the layer's own choice on CUDA, and the Triton passes
 CHANNELS, COMPONENTS, NUM_CLASSES = 16, 4, 10
 
 
@@ -96,39 +98,51 @@ def _run_pair(name, test, reference, device, ref_device, ref_dtype, fmt, split, 
         _compare(name, [('eval.output', got, want)], rtol, atol, rows)
 
 
-def run(device: str) -> list:
-    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+def run(device: str, kernels=KERNELS) -> list:
     rows = []
+    for kernel in kernels:
+        _run_kernel(device, kernel, rows)
+    return rows
+
+
+def _with_kernel(layer, kernel: str):
+    layer.kernel = kernel
+    return layer
+
+
+def _run_kernel(device: str, kernel: str, rows: list) -> None:
+    """Every check of the layer with ``kernel`` on ``device`` (check names start with the kernel but for 'auto')."""
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    k = '' if kernel == 'auto' else f'{kernel}.'
     for combine in ('posterior', 'mn'):
         for fmt_name, fmt in (('contiguous', torch.contiguous_format), ('channels_last', torch.channels_last)):
             for split in (False, True) if combine == 'posterior' else (False,):
                 torch.manual_seed(0)
                 base = CompoundBatchNorm2d(CHANNELS, COMPONENTS, combine=combine)
-                tag = f"{combine}.{fmt_name}{'.split' if split else ''}"
-                # eager device fp32 against float64 CPU
-                test = copy.deepcopy(base).to(device)
+                tag = f"{k}{combine}.{fmt_name}{'.split' if split else ''}"
+                # eager device fp32 against float64 CPU (the reference: the CPU's own formulation)
+                test = _with_kernel(copy.deepcopy(base).to(device), kernel)
                 _run_pair(f'float64.{tag}', (test, test), copy.deepcopy(base).double(), device, 'cpu', torch.float64,
                           fmt, split, 1e-4, 1e-4, 1e-4, rows)
                 # compiled device against eager device
                 torch._dynamo.reset()
-                module = copy.deepcopy(base).to(device)
+                module = _with_kernel(copy.deepcopy(base).to(device), kernel)
                 _run_pair(f'compiled.{tag}', (torch.compile(module, fullgraph=True), module),
-                          copy.deepcopy(base).to(device), device, device, torch.float32, fmt, split, 1e-4, 1e-4,
-                          1e-5, rows)
+                          _with_kernel(copy.deepcopy(base).to(device), kernel), device, device, torch.float32, fmt,
+                          split, 1e-4, 1e-4, 1e-5, rows)
     # bf16 map under autocast against the fp32 layer on the same (bf16-representable) values
     torch.manual_seed(0)
-    layer = CompoundBatchNorm2d(CHANNELS, COMPONENTS).to(device)
+    layer = _with_kernel(CompoundBatchNorm2d(CHANNELS, COMPONENTS).to(device), kernel)
     ref = copy.deepcopy(layer)
     x = (torch.randn(8, CHANNELS, 6, 6, device=device) * 2).to(torch.bfloat16)
     with torch.autocast(device, dtype=torch.bfloat16):
         y = layer(x)
     y_ref = ref(x.float())
-    rows.append({'check': 'bf16.autocast', 'tensor': 'output dtype', 'max_abs_diff': 0.0, 'rtol': 0, 'atol': 0,
+    rows.append({'check': f'{k}bf16.autocast', 'tensor': 'output dtype', 'max_abs_diff': 0.0, 'rtol': 0, 'atol': 0,
                  'dtype': str(y.dtype).replace('torch.', ''), 'ok': y.dtype == torch.bfloat16
                  and all(getattr(layer, b).dtype == torch.float32 for b in BUFFERS[:3])})
-    _compare('bf16.autocast', [('output', y.float(), y_ref)], 2e-2, 2e-2, rows)
-    _compare('bf16.autocast', [(b, getattr(layer, b), getattr(ref, b)) for b in BUFFERS[:3]], 2e-2, 2e-2, rows)
-    return rows
+    _compare(f'{k}bf16.autocast', [('output', y.float(), y_ref)], 2e-2, 2e-2, rows)
+    _compare(f'{k}bf16.autocast', [(b, getattr(layer, b), getattr(ref, b)) for b in BUFFERS[:3]], 2e-2, 2e-2, rows)
 
 
 def _native_available() -> bool:
@@ -169,6 +183,9 @@ def write(rows, args, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--device', default='cuda', choices=['cuda', 'cpu'], help='cpu: a dry run of this script')
+    ap.add_argument('--kernels', nargs='+', default=list(KERNELS), choices=['auto', 'gemm', 'pointwise', 'triton'],
+                    help="CompoundBatchNorm2d.kernel of the layers checked (on the CPU, 'triton' runs in Triton's "
+                         "interpreter)")
     ap.add_argument('--out', default=os.path.join('benchmarks', 'results', 'gpu_exactness'),
                     help='output path without extension, relative to the repository root')
     args = ap.parse_args()
@@ -176,7 +193,9 @@ def main():
         sys.exit('gpu_exactness.py: error: no CUDA device visible to torch; the CPU suite (tests/) covers the CPU')
     out = args.out if os.path.isabs(args.out) else os.path.join(ROOT, args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    rows = run(args.device)
+    if args.device == 'cpu' and 'triton' in args.kernels:
+        os.environ.setdefault('TRITON_INTERPRET', '1')  # read when lt_zoo (and its Triton kernels) is imported
+    rows = run(args.device, args.kernels)
     res = write(rows, args, out)
     for r in rows:
         if not r['ok']:

@@ -2,8 +2,8 @@
 the quick way to compare formulations on a GPU (one layer compiles in seconds, the whole network in
 minutes; benchmarks/gpu_speed.py gives the network figures).
 
-    python benchmarks/gpu_layer_speed.py [--kernels gemm pointwise] [--modes eager compiled] [--top 5]
-                                         [--base REV_OR_DIR] [--profile 8]
+    python benchmarks/gpu_layer_speed.py [--kernels gemm pointwise triton] [--modes eager compiled] [--top 5]
+                                         [--base REV_OR_DIR] [--base_kernels gemm pointwise] [--profile 8]
 
 Shapes: the inputs of ResNet-50's 53 norm layers at ``--size`` (timm ``resnet50``, read with forward
 hooks), batch ``--batch``, bf16 and channels_last as a conv under bf16 autocast hands them over.  The
@@ -17,7 +17,8 @@ shapes of (layers of that shape) x (ms per call).
 ``--base`` times the CBN of another revision of lt_zoo beside this tree's: a git revision (its ``lt_zoo/``
 is extracted with ``git archive``) or a folder holding an ``lt_zoo/`` package (on a machine without the
 repository's history, extract it here first: ``git archive REV lt_zoo | tar -x -C .device/base``).  The
-base runs in a child process with that package first on ``sys.path``; its rows are named ``base:<kernel>``.
+base runs in a child process with that package first on ``sys.path``, timing ``--base_kernels``; its rows are
+named ``base:<kernel>``.
 ``--compile_mode`` passes torch.compile's ``mode``.  ``--profile K`` lists, for the largest shape, the K
 GPU kernels taking the most time in one compiled training call of each variant.
 
@@ -41,7 +42,8 @@ import torch
 from gpu_speed import COMPILE_MODES, profile_kernels, sync, timed_ms  # benchmarks/ is on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ('gemm', 'pointwise')
+KERNELS = ('gemm', 'pointwise', 'triton')
+BASE_KERNELS = ('gemm', 'pointwise')  # what revisions before 'triton' have
 COMPONENTS = 4
 
 
@@ -188,6 +190,8 @@ def main():
     ap.add_argument('--modes', nargs='+', default=['eager', 'compiled'], choices=['eager', 'compiled'])
     ap.add_argument('--top', type=int, default=5, help='time this many of the 12 shapes, the largest first')
     ap.add_argument('--base', default=None, help='also time the CBN of this git revision or lt_zoo folder')
+    ap.add_argument('--base_kernels', nargs='+', default=list(BASE_KERNELS), choices=KERNELS,
+                    help='the formulations timed for --base (ones that revision has)')
     ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--size', type=int, default=224)
     ap.add_argument('--reps', type=int, default=20)
@@ -236,7 +240,8 @@ def main():
         if base:
             child = os.path.join(workdir, 'base.json')
             path = os.pathsep.join([base] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--worker', child],
+            subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], '--kernels', *args.base_kernels,
+                            '--worker', child],
                            env=dict(os.environ, PYTHONPATH=path), check=True)
             with open(child) as f:
                 for mode, variants in json.load(f).items():

@@ -18,9 +18,10 @@ copy of the tree has no git history), for the layer comparison's ``--base``.
 
 ``run`` installs the wheels into /tmp/site, puts the IDX files where the loader looks first, prints the
 versions it found, runs the GPU checks of ``--checks`` in this order: ``layer``
-(``benchmarks/gpu_layer_speed.py --top 3 --profile 10``, with ``--base .device/base`` when staged; at most
-three minutes), ``exactness`` (``benchmarks/gpu_exactness.py``, at most two) and ``speed``
-(``benchmarks/gpu_speed.py --models bn cbn_m4``, at most ``--speed_minutes``), then the benchmark
+(``benchmarks/gpu_layer_speed.py --kernels triton pointwise gemm --top 3 --profile 10``, with ``--base
+.device/base`` when staged; at most three minutes), ``exactness`` (``benchmarks/gpu_exactness.py``, the
+layer's own kernel and 'triton'; at most three) and ``speed`` (``benchmarks/gpu_speed.py --models bn cbn_m4
+--cbn_kernels triton auto``, at most ``--speed_minutes``), then the benchmark
 runner at ``--epochs`` for ``--rows`` and ``--seeds`` until ``--minutes`` are spent, rebuilds that
 budget's tables and packs every result file into ``$OUT/results.tar.gz``.  Unpack it in the repository
 root (``tar -xzf <files_at>/results.tar.gz``): finished pairs land as records under
@@ -62,10 +63,12 @@ DEFAULT_ROWS = ('balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'ce')
 # Limits from the H200 sessions of 2026-12-04: exactness ran in 28 s, a layer compiles in seconds, the
 # whole CBN network in 124 s on one host and in over 300 s on another (docs/benchmark.md).
 CHECKS = (
-    ('layer', ['benchmarks/gpu_layer_speed.py', '--top', '3', '--profile', '10'], 180, {}),
+    # lt_zoo's Triton passes first: the formulation no GPU has timed yet (docs/compound_bn_numerics.md)
+    ('layer', ['benchmarks/gpu_layer_speed.py', '--kernels', 'triton', 'pointwise', 'gemm', '--top', '3',
+               '--profile', '10'], 180, {}),
     # float64 reference on the CPU: LT_ZOO_NATIVE=0, so no C++ build there
-    ('exactness', ['benchmarks/gpu_exactness.py'], 120, {'LT_ZOO_NATIVE': '0'}),
-    ('speed', ['benchmarks/gpu_speed.py', '--models', 'bn', 'cbn_m4'], None, {}),
+    ('exactness', ['benchmarks/gpu_exactness.py'], 180, {'LT_ZOO_NATIVE': '0'}),
+    ('speed', ['benchmarks/gpu_speed.py', '--models', 'bn', 'cbn_m4', '--cbn_kernels', 'triton', 'auto'], None, {}),
 )
 BASE = os.path.join(STAGE, 'base')
 

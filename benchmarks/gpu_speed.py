@@ -10,7 +10,8 @@ is built, run once (the first step: cuDNN's autotuning, and the compilation unde
 timed with CUDA events over ``--warmup`` + ``--reps`` alternating training and eval steps, the median
 kept; the results files are rewritten after every model, so a run stopped by a time limit keeps what it
 measured.  ``--cbn_kernels`` times ``resnet50_cbn`` once per CompoundBatchNorm2d ``kernel`` attribute
-('auto': the formulation the layer picks; 'gemm' and 'pointwise' force one, docs/compound_bn_numerics.md).
+('auto': the formulation the layer picks; 'gemm', 'pointwise' and 'triton' force one,
+docs/compound_bn_numerics.md).
 ``--compile_mode`` passes torch.compile's ``mode``.  ``--profile K`` adds, per model, the K GPU kernels
 that take the most time in one profiled training step.
 Writes benchmarks/results/gpu_speed.json and .md (relative paths, the command line recorded).  Without
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {'bn': ('resnet50', {}), 'nbn': ('resnet50_nbn', {}), 'cbn_m4': ('resnet50_cbn', {'num_components': 4})}
-KERNELS = ('auto', 'gemm', 'pointwise')
+KERNELS = ('auto', 'gemm', 'pointwise', 'triton')
 # torch.compile modes worth comparing for a layer that launches many small kernels per call
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune-no-cudagraphs')
 

@@ -17,6 +17,9 @@ CASES = {
     'compound_mn_channels_last': dict(options={'combine': 'mn'}, channels_last=True, split=False),
     'compound_responsibility_grad': dict(options={'responsibility_grad': True}, channels_last=False, split=False),
     'split': dict(options={}, channels_last=False, split=True),
+    # the Triton passes (in Triton's interpreter without a GPU: TRITON_INTERPRET from tests/conftest.py)
+    'triton_mn_channels_last': dict(options={'combine': 'mn'}, channels_last=True, split=False, kernel='triton'),
+    'triton_split': dict(options={}, channels_last=False, split=True, kernel='triton'),
 }
 BATCH, C, M, NUM_CLASSES, STEPS = 8, 6, 3, 10, 2
 
@@ -26,6 +29,7 @@ def case_data(name):
     from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     layer = CompoundBatchNorm2d(C, M, **CASES[name]['options'])
+    layer.kernel = CASES[name].get('kernel', 'auto')
     with torch.no_grad():
         layer.running_mean.copy_(torch.randn(M, C, generator=g))
         layer.running_var.copy_(torch.rand(M, C, generator=g) + 0.5)

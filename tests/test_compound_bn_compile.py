@@ -243,9 +243,10 @@ def test_gpu_layer_speed_refuses_a_base_that_is_neither_a_folder_nor_a_revision(
 
 @pytest.mark.slow  # two processes, a few layers each
 def test_gpu_layer_speed_dry_run_times_this_tree_and_a_base_folder_per_shape(tmp_path):
-    """``--device cpu --base DIR``: BN and every kernel of this tree, then the base folder's CBN in a child
-    process whose ``lt_zoo`` is the folder's (a copy of this tree's package with a marker: the child must
-    import it, not the installed one), one row per shape and variant, summed over the layers of each shape."""
+    """``--device cpu --base DIR``: BN and every kernel of this tree (Triton's in its interpreter), then the
+    base folder's CBN (``--base_kernels``: gemm and pointwise) in a child process whose ``lt_zoo`` is the
+    folder's (a copy of this tree's package with a marker: the child must import it, not the installed
+    one), one row per shape and variant, summed over the layers of each shape."""
     import json
     import os
     import shutil
@@ -265,7 +266,7 @@ def test_gpu_layer_speed_dry_run_times_this_tree_and_a_base_folder_per_shape(tmp
     assert mark.read_text() == str(base / 'lt_zoo' / 'layers' / 'compound_bn.py')
     res = json.loads((tmp_path / 'res.json').read_text())
     rows = res['modes']['eager']
-    assert list(rows) == ['bn', 'gemm', 'pointwise', 'base:gemm', 'base:pointwise']
+    assert list(rows) == ['bn', 'gemm', 'pointwise', 'triton', 'base:gemm', 'base:pointwise']
     assert all(list(r) == list(res['counts']) for r in rows.values()) and len(res['counts']) == 2
     for variant, r in rows.items():
         total = sum(res['counts'][k] * v['train_ms'] for k, v in r.items())

@@ -1,6 +1,7 @@
 """The formulations of the CBN kernel agree to float64 rounding: the batched-GEMM one with its analytic
-backward, the broadcast-and-sum one differentiated by autograd (what torch.compile traces) and the native
-C++ passes with the GEMM one's analytic backward (the eager default on CPU).  Every option of the layer,
+backward, the broadcast-and-sum one differentiated by autograd (what torch.compile traces), the native
+C++ passes with the GEMM one's analytic backward (the eager default on CPU) and the Triton passes with
+the same backward (run here in Triton's interpreter, tests/conftest.py).  Every option of the layer,
 both memory formats, training and eval."""
 import itertools
 
@@ -36,7 +37,7 @@ def _run(kernel, case, training, groups=None, **opts):
     return [y, *grads] + ([] if stats is None else list(stats))
 
 
-@pytest.mark.parametrize('kernel', ['pointwise', 'native'])
+@pytest.mark.parametrize('kernel', ['pointwise', 'native', 'triton'])
 @pytest.mark.parametrize('opts', OPTIONS, ids=lambda o: '-'.join(str(v) for v in o.values()))
 @pytest.mark.parametrize('training', [True, False], ids=['train', 'eval'])
 def test_kernel_equals_gemm_kernel_in_float64(opts, training, kernel):
@@ -49,7 +50,7 @@ def test_kernel_equals_gemm_kernel_in_float64(opts, training, kernel):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize('kernel', ['pointwise', 'native'])
+@pytest.mark.parametrize('kernel', ['pointwise', 'native', 'triton'])
 @pytest.mark.parametrize('hw', [(5, 4), (1, 1), (7, 5)], ids=['map', '1x1', 'two_tiles'])
 def test_kernel_equals_gemm_kernel_on_the_split_path(hw, kernel):
     groups = torch.tensor([0, 0, 1, 3, 3, 3])  # component 2 empty: normalised with its running statistics
@@ -81,7 +82,8 @@ def test_pointwise_training_gradient_is_the_gradient_with_constant_responsibilit
 
 def test_unknown_kernel_is_refused_before_any_work():
     x, prior, mean, var, weight, bias, _ = _case(0)
-    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'gemm', 'pointwise', 'native'\), got 'fused'"):
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'gemm', 'pointwise', 'native', 'triton'\), "
+                                         r"got 'fused'"):
         cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, kernel='fused')
 
 
@@ -203,7 +205,7 @@ def test_native_training_step_is_one_foreign_call_per_direction_and_the_per_pass
         shift = cbf.batch_shift(x, False)
         calls.clear()
         y, *st = cbf._ConstantAssignmentNorm.apply(x, weight, bias, prior, mean - shift, var, groups, 1e-5, 1.0,
-                                                   combine, False, True, shift)
+                                                   combine, False, 'native', shift)
         per_pass = [y, *torch.autograd.grad(y, (x, weight, bias), gy), st[0], st[1], st[2] + shift, st[3], st[4]]
         assert calls == ['estep_moments', 'combine', 'grad_moments', 'combine']
         for name, a, b in zip(('y', 'dx', 'dweight', 'dbias') + cbf.BatchStats._fields, per_pass, fused):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from . import compound_bn_native as _native
 from . import compound_bn_ops as _ops
+from . import compound_bn_triton as _triton
 
 __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficients', 'fold_running',
            'compound_norm_eval', 'responsibilities']
@@ -46,7 +47,11 @@ _R_FLOOR = 1e-30
 # and 'native' call the native passes as custom ops on CPU (compound_bn_ops: the analytic training forward
 # without DDP, eval without gradients) and trace 'pointwise' elsewhere (CUDA, DDP, autograd through r);
 # under torch.jit.trace they run 'gemm'.
-KERNELS = ('auto', 'gemm', 'pointwise', 'native')
+# 'triton': the map-sized steps of 'gemm' as Triton kernels on CUDA maps (compound_bn_triton: three passes
+#   forward, two backward, float32/bf16/fp16 maps with float32 sums), the (M, C) statistics between them as
+#   torch ops, the same analytic backward; eager and compiled alike (the passes are custom ops), and under
+#   DDP (the sums are all-reduced between the passes).  Opt-in until a GPU has measured it.
+KERNELS = ('auto', 'gemm', 'pointwise', 'native', 'triton')
 
 
 class BatchStats(NamedTuple):
@@ -107,14 +112,27 @@ def _use_native(kernel: str, xc4: torch.Tensor) -> bool:
     return kernel == 'auto' and _native.supports(xc4) and _native.available()
 
 
-def _native_or_shifted(kernel: str, x: torch.Tensor, shift: torch.Tensor, allowed: bool):
-    """(map, shift to subtract or None, native?) for the non-pointwise kernels: the raw map when the native
-    passes take it (they subtract the shift in their tiles: no shifted copy), else x - s in a standard
-    layout and the compute dtype (bf16/fp16 promoted), which the native passes may still take."""
+def _use_triton(kernel: str, x: torch.Tensor) -> bool:
+    """Whether the map-sized steps run as Triton kernels: kernel='triton', which refuses a map they cannot
+    take (checked on entry, before any work, even where a step then needs autograd and runs 'gemm')."""
+    if kernel != 'triton':
+        return False
+    if not _triton.supports(x):
+        raise ValueError(f"kernel='triton': {_triton.why_not(x)}")
+    return True
+
+
+def _passes_for(kernel: str, x: torch.Tensor, shift: torch.Tensor, allowed: bool):
+    """(map, shift to subtract or None, passes) for the non-pointwise kernels; passes: 'native' or 'triton'
+    (the map-sized steps in compound_bn_native / compound_bn_triton, which subtract the shift in their tiles:
+    the raw map, no shifted copy) or 'gemm' (x - s in a standard layout and the compute dtype, bf16/fp16
+    promoted, which the native passes may still take).  ``allowed``: no autograd through the map needed."""
+    if allowed and _use_triton(kernel, x):
+        return x, shift, 'triton'
     if allowed and x.dtype == shift.dtype and _native.supports(x) and _use_native(kernel, x):
-        return x, shift, True
+        return x, shift, 'native'
     xc4 = _standard_layout(torch.sub(x, shift.view(1, -1, 1, 1)))
-    return xc4, None, allowed and _use_native(kernel, xc4)
+    return xc4, None, 'native' if allowed and _use_native(kernel, xc4) else 'gemm'
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -294,16 +312,19 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
     """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
     GEMM kernel: two map-sized buffers, x - s and (x - s)^2, which then receives the output."""
     _check_kernel(kernel)
+    _use_triton(kernel, x)
     if _compiled_native(kernel, x) and not _needs_graph(x, f.scale, f.offset, f.w1, f.w2):
         return _ops.eval_forward(x, f.w1, f.w2, f.const, f.scale, f.offset, f.shift)
+    if not _needs_graph(x, f.scale, f.offset, f.w1, f.w2) and _use_triton(kernel, x):
+        return _triton.folded_eval(x, (f.w1, f.w2, f.const), f.scale, f.offset, f.shift)
     if _pointwise(kernel):
         xc4 = torch.sub(x, f.shift.view(1, -1, 1, 1))
         with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
             R = _pointwise_posteriors(xc4, (f.w1, f.w2, f.const))
         return _pointwise_mix(R, f.scale, f.offset, xc4).to(x.dtype)
-    xc4, pass_shift, native = _native_or_shifted(kernel, x, f.shift,
-                                                 allowed=not _needs_graph(x, f.scale, f.offset, f.w1, f.w2))
-    if native:
+    xc4, pass_shift, passes = _passes_for(kernel, x, f.shift,
+                                          allowed=not _needs_graph(x, f.scale, f.offset, f.w1, f.w2))
+    if passes == 'native':
         out = _native.folded_eval(xc4, (f.w1, f.w2, f.const), f.scale, f.offset, pass_shift)
         return out if out.dtype == x.dtype else out.to(x.dtype)  # .to costs a dispatch even when a no-op
     with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -343,14 +364,14 @@ def _batch_sums(R, X, X2) -> torch.Tensor:
 
 def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, temperature: float,
                    combine: str, use_batch: bool, responsibility_grad: bool, sync: bool, pointwise: bool = False,
-                   native: bool = False, shift: Optional[torch.Tensor] = None):
+                   passes: str = 'gemm', shift: Optional[torch.Tensor] = None):
     """One training forward in shifted coordinates: (y4, stats relative to s, saved tensors for backward).
-    ``native``: the map-sized steps in the native kernel (no autograd through them); with ``shift``, xc4 is
-    the raw map and the native passes subtract the shift themselves."""
+    ``passes`` 'native' / 'triton': the map-sized steps in that kernel (no autograd through them); with
+    ``shift``, xc4 is the raw map and the passes subtract the shift themselves."""
     c = xc4.shape[1]
-    X = None if pointwise or native else xc4.flatten(2)
+    X = xc4.flatten(2) if passes == 'gemm' and not pointwise else None
     X2 = sq4 = None
-    if native:
+    if passes == 'native':
         coef = _native.coefficients(prior, mean_rel, var, eps, temperature, xc4) if groups is None else None
         R, sums = _native.estep_moments(xc4, prior.shape[0], coef, groups, shift)
         if sync:
@@ -361,6 +382,9 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
         cw = _mn_weights(counts / counts.sum() if use_batch else prior) if combine == 'mn' and groups is None else None
         y4 = _native.combine(xc4, None, R, scale, None, offset, shift)
         return y4, stats, (R, cw, inv, mean_used, safe, mask if use_batch else None)
+    elif passes == 'triton':
+        coef = estep_coefficients(prior, mean_rel, var, eps, temperature) if groups is None else None
+        R, sums = _triton.estep_moments(xc4, prior.shape[0], coef, groups, shift)
     elif pointwise:
         if groups is None:
             with torch.set_grad_enabled(responsibility_grad and torch.is_grad_enabled()):
@@ -375,7 +399,7 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
             R = _posteriors(X, X2, estep_coefficients(prior, mean_rel, var, eps, temperature))
     else:  # split path: the one-hot group of each image
         R = F.one_hot(groups, prior.shape[0]).to(X.dtype).unsqueeze(2)
-    if not pointwise:
+    if X is not None:
         sums = _batch_sums(R, X, X2)
     if sync:
         sums = _all_reduce(sums)
@@ -395,6 +419,8 @@ def _train_forward(xc4, weight, bias, prior, mean_rel, var, groups, eps: float, 
     scale, offset, inv = _affine(weight, bias, mean_rel, var, eps, cw)
     if pointwise:
         return _pointwise_mix(R, scale, offset, xc4), stats, None
+    if passes == 'triton':
+        return _triton.combine(xc4, None, R, scale, None, offset, shift), stats, (R, cw, inv, mean_rel, safe, mask)
     graph = _needs_graph(xc4, scale, offset)
     if sq4 is None and not graph:
         sq4 = torch.empty_like(xc4)
@@ -416,11 +442,11 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync, native, shift):
+    def forward(ctx, xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, sync, passes, shift):
         y4, stats, (R, cw, inv, mean_used, safe, mask) = _train_forward(
             xc4, weight, bias, prior, mean_rel, var, groups, eps, temperature, combine, True, False, sync,
-            native=native, shift=shift)
-        ctx.sync, ctx.native, ctx.shift = sync, native, shift
+            passes=passes, shift=shift)
+        ctx.sync, ctx.passes, ctx.shift = sync, passes, shift
         ctx.save_for_backward(xc4, R, cw, weight, inv, mean_used, safe, mask)
         ctx.mark_non_differentiable(*stats)
         ctx.set_materialize_grads(False)  # the statistics have no gradient: no zero tensors made for them
@@ -431,7 +457,7 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
         xc4, R, cw, weight, inv, mean, safe, mask = ctx.saved_tensors
         if gy is None:  # the output did not reach the loss (gradients are not materialised)
             return (None,) * 13
-        if ctx.native:
+        if ctx.passes == 'native':
             gk, hk = _native.grad_moments(xc4, gy, R, ctx.shift)
             if not ctx.sync:
                 dweight, dbias, u, wa, v = _native.backward_coefficients(gk, hk, cw, mean, inv, weight, safe, mask)
@@ -440,6 +466,8 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
                 dbias = dbias.to(weight.dtype) if ctx.needs_input_grad[2] else None
                 return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
             mask = mask > 0  # the native forward's mask is 1/0 in the map's dtype
+        elif ctx.passes == 'triton':
+            gk, hk = _triton.grad_moments(xc4, gy, R, ctx.shift)
         else:
             X, G = xc4.flatten(2), gy.flatten(2)
             cl = _channels_fastest(X)
@@ -461,8 +489,9 @@ class _ConstantAssignmentNorm(torch.autograd.Function):
             zero = torch.zeros_like(gk)
             u = torch.where(mask, -weight.to(inv.dtype) * inv.pow(3) * gdiff / safe, zero)
             v = torch.where(mask, -scale * gk / safe, zero) - u * mean
-            if ctx.native:
-                dx = _native.combine(xc4, gy, R, u, scale if cw is None else scale * cw.unsqueeze(1), v, ctx.shift)
+            if ctx.passes != 'gemm':
+                passes = _native if ctx.passes == 'native' else _triton
+                dx = passes.combine(xc4, gy, R, u, scale if cw is None else scale * cw.unsqueeze(1), v, ctx.shift)
                 return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
             _scale_into(gX, R, scale if cw is None else scale * cw.unsqueeze(1), G, cl)
             gX.addcmul_(_expand(R, u, cl), X)
@@ -527,6 +556,7 @@ def compound_batch_norm(
     ``kernel``: see :data:`KERNELS`.
     """
     _check_kernel(kernel)
+    _use_triton(kernel, x)
     cdt = compute_dtype(x)
     prior, mean, var = (t if t.dtype == cdt else t.to(cdt) for t in (running_prior, running_mean, running_var))
     if not training:
@@ -560,13 +590,13 @@ def compound_batch_norm(
     graph = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     analytic = graph and use_batch and not (responsibility_grad and groups is None)
     # the native steps have no autograd: only under the analytic backward or where no graph is needed
-    xc4, pass_shift, native = _native_or_shifted(kernel, x, shift, allowed=analytic or not graph)
+    xc4, pass_shift, passes = _passes_for(kernel, x, shift, allowed=analytic or not graph)
     if analytic:
         y4, *st = _ConstantAssignmentNorm.apply(xc4, weight, bias, prior, mean - shift, var, groups, eps,
-                                                temperature, combine, sync, native, pass_shift)
+                                                temperature, combine, sync, passes, pass_shift)
         stats = BatchStats(*st)
     else:  # autograd through the map's ops when a graph is needed
         y4, stats, _ = _train_forward(xc4, weight, bias, prior, mean - shift, var, groups, eps, temperature,
                                       combine, use_batch, responsibility_grad and groups is None, sync,
-                                      native=native, shift=pass_shift)
+                                      passes=passes, shift=pass_shift)
     return y4.to(x.dtype), stats._replace(mean=stats.mean + shift)
