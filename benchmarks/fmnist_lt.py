@@ -141,7 +141,8 @@ ABLATION_IDS = {'balanced_softmax': 'bs', 'cbn': 'bs_aa_cbn_sbn_dpl'}
 RUNS_BY_ID = {v: k for k, v in ABLATION_IDS.items()}
 # Keys that do not change what a run computes (where it writes, how it reports).
 _NOT_PROTOCOL = {'output_dir', 'overwrite', 'resume', 'progress', 'stop_after_epoch', 'log_with', 'stage1_dir',
-                 'save_checkpoints', 'keep_checkpoints', 'num_workers', 'command'}
+                 'save_checkpoints', 'keep_checkpoints', 'num_workers', 'command',
+                 'cbn_kernel'}  # how CBN is computed (equal to rounding), added after records were made
 
 
 def run_dir(args, run, seed) -> Path:

@@ -188,6 +188,41 @@ def test_compiled_training_agrees_with_eager(config, extra, tmp_path):
     _assert_agree(eager, compiled)
 
 
+def test_cbn_kernel_key_sets_every_compound_bn_layer_of_the_trained_model(tmp_path):
+    """``cbn_kernel`` reaches every CompoundBatchNorm2d of the model the run trains, and config.yaml
+    records it (the formulations themselves: tests/test_compound_bn_kernels.py, _triton.py)."""
+    import yaml
+    from accelerate.state import AcceleratorState, GradientState
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    from lt_zoo.training import trainer
+    from lt_zoo.training.config import load_config
+    out = tmp_path / 'gemm'
+    cfg = load_config(['--config', str(ROOT / 'train' / 'configs' / 'digits' / 'cbn.yaml'), '--output_dir', str(out),
+                       '--epochs', '1', '--input_size', '8', '--progress', 'false', '--save_checkpoints', 'false',
+                       '--dual_path', 'false', '--cbn_kernel', 'gemm'])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        _, model = trainer.run(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    kernels = [m.kernel for m in model.modules() if isinstance(m, CompoundBatchNorm2d)]
+    assert len(kernels) > 10 and set(kernels) == {'gemm'}
+    assert yaml.safe_load((out / 'config.yaml').read_text())['cbn_kernel'] == 'gemm'
+
+
+def test_cbn_kernel_triton_is_refused_on_a_cpu_run_before_anything_is_written(tmp_path, monkeypatch):
+    from lt_zoo.layers import compound_bn_triton
+    from lt_zoo.training import trainer
+    monkeypatch.setattr(compound_bn_triton, 'interpreting', lambda: False)  # kernels built for a GPU
+    out = tmp_path / 'run'
+    with pytest.raises(ValueError, match=r"cbn_kernel 'triton' runs on CUDA, but this run's device is cpu"):
+        trainer.main(['--config', str(ROOT / 'train' / 'configs' / 'digits' / 'cbn.yaml'), '--output_dir', str(out),
+                      '--cpu', 'true', '--cbn_kernel', 'triton', '--progress', 'false'])
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_compiled_stage2_agrees_with_eager(tmp_path):
     """cRT on the frozen features of an eager stage-1 network: compiled and eager heads agree."""

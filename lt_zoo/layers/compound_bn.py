@@ -39,7 +39,7 @@ from . import compound_bn_functional as cbf
 from . import compound_bn_native as cbn_native
 
 __all__ = ['CompoundBatchNorm2d', 'CBN_OPTIONS', 'DEFAULT_NUM_COMPONENTS', 'split_norm', 'frozen_running_stats', 'convert_bn_to_cbn', 'symmetry_directions',
-           'cbn_statistics', 'format_cbn_statistics']
+           'cbn_statistics', 'format_cbn_statistics', 'set_cbn_kernel']
 
 # Model-entrypoint keyword options forwarded to every CompoundBatchNorm2d (plain JSON values).
 CBN_OPTIONS = ('num_components', 'momentum', 'eps', 'train_stats', 'combine', 'responsibility_grad',
@@ -410,6 +410,17 @@ def _(prior, mean, var):
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def set_cbn_kernel(model: nn.Module, kernel: str) -> int:
+    """Set the ``kernel`` attribute of every CompoundBatchNorm2d of ``model`` (compound_bn_functional.KERNELS;
+    the formulations agree to rounding, docs/compound_bn_numerics.md#decision-kernel); returns how many."""
+    if kernel not in cbf.KERNELS:
+        raise ValueError(f"kernel must be one of {cbf.KERNELS}, got {kernel!r}")
+    layers = [m for m in model.modules() if isinstance(m, CompoundBatchNorm2d)]
+    for m in layers:
+        m.kernel = kernel
+    return len(layers)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..layers.compound_bn_functional import KERNELS
+
 __all__ = ['DEFAULTS', 'SCHEMA', 'SECTIONS', 'STAGES', 'METHODS', 'TRAINING_STAGES', 'TrainConfig', 'sections',
            'load_config', 'read_config_file', 'validate_config', 'describe_keys', 'build_parser']
 
@@ -55,6 +57,9 @@ class RunConfig:
     compile: bool = _key(False, 'torch.compile the trained module, any stage (results agree with eager within '
                                 'fp32 tolerance); pair it with channels_last on CPU, where inductor stores '
                                 'activations channels_last anyway (docs/compound_bn_numerics.md#decision-kernel)')
+    cbn_kernel: str = _key('auto', "formulation of every CompoundBatchNorm2d: 'auto' (native C++ on CPU), 'gemm', "
+                                   "'pointwise', 'native' or 'triton' (CUDA Triton passes, opt-in); results agree to "
+                                   "rounding (docs/compound_bn_numerics.md#decision-kernel)")
     channels_last: bool = _key(False, 'train and evaluate in channels_last memory format (faster convolutions on '
                                       'CPUs and GPUs; same results within fp32 rounding)')
 
@@ -210,7 +215,7 @@ _CHOICES = {
     'strong_aug': ('autoaugment', 'randaugment'), 'normalize': ('dataset', 'model'),
     'scheduler': ('cosine', 'step', 'constant'), 'mixed_precision': ('no', 'bf16', 'fp16'),
     'train_crop': ('pad', 'random_resized'), 'train_aug': ('weak', 'strong'), 'data_cache': ('pil', 'tensors'),
-    'dual_stat_updates': ('all', 'once'),
+    'dual_stat_updates': ('all', 'once'), 'cbn_kernel': KERNELS,
 }
 _VIEWS, _PATHS = ('weak', 'strong'), ('compound', 'split')
 _BOOLS = ('deterministic', 'overwrite', 'cpu', 'compile', 'channels_last', 'balanced_subset', 'hflip', 'nesterov', 'dual_path',

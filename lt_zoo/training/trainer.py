@@ -20,6 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..export import export_model
+from ..layers import compound_bn_triton as cbn_triton
+from ..layers.compound_bn import set_cbn_kernel
 from ..losses import list_losses
 from ..plots import plot_per_class_accuracy
 from ..samplers import create_sampler, list_samplers
@@ -112,9 +114,14 @@ def _train(cfg: Dict[str, Any], command: str) -> Tuple[Optional[dict], Optional[
                               gradient_accumulation_steps=c.optim.gradient_accumulation_steps,
                               log_with=c.log.log_with, project_dir=run_dir, kwargs_handlers=[ddp])
     set_seed(c.run.seed)
+    if c.run.cbn_kernel == 'triton' and accelerator.device.type != 'cuda' and not cbn_triton.interpreting():
+        raise ValueError(f"cbn_kernel 'triton' runs on CUDA, but this run's device is {accelerator.device}; "
+                         f"use 'auto'")
 
     data = build_data(c.data)
     model, loss_fn = build_model(c.run, c.model, c.stage2, c.loss, c.dual_path, data)
+    if set_cbn_kernel(model, c.run.cbn_kernel) == 0 and c.run.cbn_kernel != 'auto':
+        accelerator.print(f"cbn_kernel {c.run.cbn_kernel!r}: the model has no CompoundBatchNorm2d, nothing to set")
     mean, std = normalization(c.data, data, model, fresh_model=c.run.stage == 'stage1')
     tensors = c.data.data_cache == 'tensors'
     # Accelerate shards prepared DataLoaders; a TensorLoader is not prepared, so its sampler shards itself.
