@@ -20,16 +20,21 @@ repository's history, extract it here first: ``git archive REV lt_zoo | tar -x -
 base runs in a child process with that package first on ``sys.path``, timing ``--base_kernels``; its rows are
 named ``base:<kernel>``.
 ``--compile_mode`` passes torch.compile's ``mode``.  ``--profile K`` lists, for the largest shape, the K
-GPU kernels taking the most time in one compiled training call of each variant.
+GPU kernels taking the most time in one compiled training call of each variant.  ``--triton_tiles PxCwW
+...`` adds a ``triton@PxCwW`` variant per spec: kernel 'triton' with every pass's tile set to P positions
+x C channels and W warps (compound_bn_triton's module attributes, restored afterwards), for tuning the
+tiles no GPU has timed yet.
 
 Writes benchmarks/results/gpu_layer_speed.json and .md.  Without CUDA it exits with a one-line error;
 ``--device cpu`` is a dry run of the script (with ``LT_ZOO_NATIVE=0`` CBN takes CUDA's formulations).
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,13 +73,45 @@ def pick_shapes(shapes: collections.Counter, top: int):
     return chosen, sum(numel[s] for s in chosen) / sum(numel.values())
 
 
+_TILES = re.compile(r'^(\d+)x(\d+)w(\d+)$')
+
+
+def parse_tiles(spec: str):
+    """'PxCwW' -> (P, C, W): powers of two, P and C in 16..256, W in 1..16; None if not of that form."""
+    m = _TILES.match(spec)
+    if m is None:
+        return None
+    p, c, w = map(int, m.groups())
+    ok = all(v & (v - 1) == 0 for v in (p, c, w)) and 16 <= p <= 256 and 16 <= c <= 256 and 1 <= w <= 16
+    return (p, c, w) if ok else None
+
+
+@contextlib.contextmanager
+def triton_tiles(variant: str):
+    """For 'triton@PxCwW': every Triton pass of lt_zoo at that tile within the block; else nothing."""
+    if not variant.startswith('triton@'):
+        yield
+        return
+    from lt_zoo.layers import compound_bn_triton as cbt
+    p, c, w = parse_tiles(variant.split('@', 1)[1])
+    names = ('_BLOCK_P', '_BLOCK_C', '_COMBINE_P', '_COMBINE_C', '_MOMENT_P', '_MOMENT_C', '_WARPS')
+    saved = {n: getattr(cbt, n) for n in names}
+    for n, v in zip(names, (p, c, p, c, p, c, w)):
+        setattr(cbt, n, v)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(cbt, n, v)
+
+
 def make_layer(variant: str, channels: int, device: str) -> torch.nn.Module:
-    """'bn' or a CBN kernel name."""
+    """'bn', a CBN kernel name or 'triton@PxCwW'."""
     if variant == 'bn':
         return torch.nn.BatchNorm2d(channels).to(device)
     from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
     layer = CompoundBatchNorm2d(channels, COMPONENTS).to(device)
-    layer.kernel = variant
+    layer.kernel = variant.split('@', 1)[0]
     return layer
 
 
@@ -115,8 +152,9 @@ def measure(variants, shapes, args, out: dict, on_row=lambda: None) -> dict:
     for mode in args.modes:
         for variant in variants:
             for i, shape in enumerate(shapes):
-                row = time_layer(variant, shape, mode, args, profile=args.profile if i == 0 and mode == 'compiled'
-                                 else 0)
+                with triton_tiles(variant):
+                    row = time_layer(variant, shape, mode, args,
+                                     profile=args.profile if i == 0 and mode == 'compiled' else 0)
                 out.setdefault(mode, {}).setdefault(variant, {})[','.join(map(str, shape))] = row
                 on_row()
                 print(f"{mode} {variant} {shape}: train {row['train_ms']:.3f} ms, eval {row['eval_ms']:.3f} ms, "
@@ -199,6 +237,8 @@ def main():
     ap.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
                     help="torch.compile's mode: 'reduce-overhead' replays CUDA graphs (no launch cost per kernel)")
     ap.add_argument('--profile', type=int, default=0, help='top GPU kernels of the largest shape, compiled (0: none)')
+    ap.add_argument('--triton_tiles', nargs='*', default=[], metavar='PxCwW',
+                    help="extra 'triton' variants with every pass at P positions x C channels, W warps (e.g. 64x32w4)")
     ap.add_argument('--device', default='cuda', choices=['cuda', 'cpu'], help='cpu: a dry run of this script')
     ap.add_argument('--out', default=os.path.join('benchmarks', 'results', 'gpu_layer_speed'),
                     help='output path without extension, relative to the repository root')
@@ -209,6 +249,10 @@ def main():
     if args.top < 1 or args.reps < 1 or args.warmup < 0 or args.profile < 0:
         sys.exit(f'gpu_layer_speed.py: error: --top {args.top}, --reps {args.reps}, --warmup {args.warmup}, --profile '
                  f'{args.profile}; expected top >= 1, reps >= 1, warmup >= 0, profile >= 0')
+    bad = [t for t in args.triton_tiles if parse_tiles(t) is None]
+    if bad:
+        sys.exit(f'gpu_layer_speed.py: error: --triton_tiles {" ".join(bad)}: expected PxCwW with P and C powers of '
+                 f'two in 16..256 and W a power of two in 1..16 (e.g. 64x32w4)')
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     if args.worker:
@@ -236,7 +280,7 @@ def main():
         write_markdown(res, out + '.md')
 
     try:
-        measure(['bn', *args.kernels], shapes, args, res['modes'], save)
+        measure(['bn', *args.kernels, *(f'triton@{t}' for t in args.triton_tiles)], shapes, args, res['modes'], save)
         if base:
             child = os.path.join(workdir, 'base.json')
             path = os.pathsep.join([base] + [p for p in [os.environ.get('PYTHONPATH')] if p])

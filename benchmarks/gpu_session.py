@@ -18,8 +18,8 @@ copy of the tree has no git history), for the layer comparison's ``--base``.
 
 ``run`` installs the wheels into /tmp/site, puts the IDX files where the loader looks first, prints the
 versions it found, runs the GPU checks of ``--checks`` in this order: ``layer``
-(``benchmarks/gpu_layer_speed.py --kernels triton pointwise gemm --top 3 --profile 10``, with ``--base
-.device/base`` when staged; at most three minutes), ``exactness`` (``benchmarks/gpu_exactness.py``, the
+(``benchmarks/gpu_layer_speed.py --kernels triton pointwise gemm --triton_tiles 32x32w4 64x16w8 --top 3
+--profile 10``, with ``--base .device/base`` when staged; at most three minutes), ``exactness`` (``benchmarks/gpu_exactness.py``, the
 layer's own kernel and 'triton'; at most three) and ``speed`` (``benchmarks/gpu_speed.py --models bn cbn_m4
 --cbn_kernels triton auto``, at most ``--speed_minutes``), then the benchmark
 runner at ``--epochs`` for ``--rows`` and ``--seeds`` until ``--minutes`` are spent, rebuilds that
@@ -64,8 +64,9 @@ DEFAULT_ROWS = ('balanced_softmax', 'bs_aa', 'bs_aa_cbn', 'ce')
 # whole CBN network in 124 s on one host and in over 300 s on another (docs/benchmark.md).
 CHECKS = (
     # lt_zoo's Triton passes first: the formulation no GPU has timed yet (docs/compound_bn_numerics.md)
-    ('layer', ['benchmarks/gpu_layer_speed.py', '--kernels', 'triton', 'pointwise', 'gemm', '--top', '3',
-               '--profile', '10'], 180, {}),
+    # (and at two other tiles, which compile without spilling: python benchmarks/triton_resources.py --tiles)
+    ('layer', ['benchmarks/gpu_layer_speed.py', '--kernels', 'triton', 'pointwise', 'gemm', '--triton_tiles', '32x32w4',
+               '64x16w8', '--top', '3', '--profile', '10'], 180, {}),
     # float64 reference on the CPU: LT_ZOO_NATIVE=0, so no C++ build there
     ('exactness', ['benchmarks/gpu_exactness.py'], 180, {'LT_ZOO_NATIVE': '0'}),
     ('speed', ['benchmarks/gpu_speed.py', '--models', 'bn', 'cbn_m4', '--cbn_kernels', 'triton', 'auto'], None, {}),

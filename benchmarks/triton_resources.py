@@ -1,7 +1,8 @@
 """Compile CompoundBatchNorm2d's Triton kernels for NVIDIA GPUs on a machine without one, and report what
 each program needs: registers a thread, spilled bytes, shared memory and the occupancy they allow.
 
-    python benchmarks/triton_resources.py [--arch 80 90] [--components 4 8] [--out benchmarks/results/triton_resources]
+    python benchmarks/triton_resources.py [--arch 80 90] [--components 4 8] [--tiles PxCwW]
+                                          [--out benchmarks/results/triton_resources]
 
 Triton compiles ahead of time without a device: Python -> Triton IR -> LLVM -> PTX, then ``ptxas`` (shipped
 in Triton's wheel) to a cubin, whose resource usage ``cuobjdump -res-usage`` prints.  So this checks, on
@@ -12,6 +13,8 @@ pointers of x, g and the output; statistics float32), M (``--components``, padde
 the kernel holds a component axis) and, for the moments and output passes, with and without g (backward /
 forward).  Occupancy: resident warps per multiprocessor over its 64, from the register file (65,536 a
 multiprocessor, allocated per warp in units of 256) and the 2,048-thread limit, shared memory aside.
+``--tiles PxCwW`` compiles every pass at P positions x C channels and W warps instead of the module's
+tiles (the variants ``benchmarks/gpu_layer_speed.py --triton_tiles`` times).
 
 Writes ``<out>.json`` and ``<out>.md``; exits 1 if any kernel fails to compile or spills.  Timing needs a
 GPU: benchmarks/gpu_layer_speed.py.
@@ -36,6 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from gpu_layer_speed import parse_tiles, triton_tiles  # noqa: E402  (benchmarks/ is on sys.path)
 from lt_zoo.layers import compound_bn_triton as cbt  # noqa: E402
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
@@ -155,10 +159,14 @@ def main():
     ap.add_argument('--arch', nargs='+', type=int, default=[80, 90],
                     help='CUDA compute capabilities x10 (80: A100, 90: H100/H200)')
     ap.add_argument('--components', nargs='+', type=int, default=[4, 8], help='numbers of components M')
+    ap.add_argument('--tiles', default=None, metavar='PxCwW', help='compile at this tile instead of the module\'s')
     ap.add_argument('--out', default=os.path.join('benchmarks', 'results', 'triton_resources'),
                     help='output path without extension, relative to the repository root')
     args = ap.parse_args()
     bad = [a for a in args.arch if a < 70] + [m for m in args.components if m < 1]
+    if args.tiles is not None and parse_tiles(args.tiles) is None:
+        sys.exit(f'triton_resources.py: error: --tiles {args.tiles}: expected PxCwW with P and C powers of two in '
+                 f'16..256 and W a power of two in 1..16 (e.g. 64x32w4)')
     if bad:
         sys.exit(f'triton_resources.py: error: --arch {args.arch} / --components {args.components}: expected '
                  f'compute capabilities >= 70 and M >= 1, got {bad}')
@@ -166,7 +174,8 @@ def main():
         sys.exit('triton_resources.py: error: Triton is not installed')
     out = args.out if os.path.isabs(args.out) else os.path.join(ROOT, args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    res = write(run(args.arch, args.components), args, out)
+    with triton_tiles(f'triton@{args.tiles}' if args.tiles else 'triton'):
+        res = write(run(args.arch, args.components), args, out)
     print(open(out + '.md').read())
     sys.exit(0 if res['passed'] else 1)
 

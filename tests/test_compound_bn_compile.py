@@ -272,3 +272,33 @@ def test_gpu_layer_speed_dry_run_times_this_tree_and_a_base_folder_per_shape(tmp
         total = sum(res['counts'][k] * v['train_ms'] for k, v in r.items())
         assert res['summary']['eager'][variant]['train_network_ms'] == pytest.approx(total)
     assert res['summary']['eager']['bn']['train_x_bn'] == 1.0
+
+
+def test_gpu_layer_speed_triton_tiles_set_every_pass_and_are_restored():
+    from lt_zoo.layers import compound_bn_triton as cbt
+    mod = _load_benchmark('gpu_layer_speed')
+    assert mod.parse_tiles('64x32w4') == (64, 32, 4)
+    for bad in ('64x32', '48x32w4', '64x512w4', '64x32w3', '8x32w4', 'x32w4'):
+        assert mod.parse_tiles(bad) is None, bad
+    names = ('_BLOCK_P', '_BLOCK_C', '_COMBINE_P', '_COMBINE_C', '_MOMENT_P', '_MOMENT_C', '_WARPS')
+    before = [getattr(cbt, n) for n in names]
+    with mod.triton_tiles('triton@128x16w2'):
+        assert [getattr(cbt, n) for n in names] == [128, 16, 128, 16, 128, 16, 2]
+        assert mod.make_layer('triton@128x16w2', 8, 'cpu').kernel == 'triton'
+    assert [getattr(cbt, n) for n in names] == before
+    with mod.triton_tiles('pointwise'):
+        assert [getattr(cbt, n) for n in names] == before
+
+
+@pytest.mark.slow  # a process
+def test_gpu_layer_speed_refuses_bad_triton_tiles_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_layer_speed.py'), '--device', 'cpu',
+                           '--triton_tiles', '64x32w4', '48x32w4', '--out', str(tmp_path / 'res')],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 1
+    assert 'error: --triton_tiles 48x32w4: expected PxCwW with P and C powers of two' in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -264,3 +264,16 @@ def test_triton_resources_occupancy_counts_registers_per_warp_in_units_of_256():
     assert mod.occupancy(65, 8) == 24 / 64
     # 32 registers, 4 warps: the register file allows 16 programs, the 2048-thread limit 16 -> all 64 warps
     assert mod.occupancy(32, 4) == 1.0
+
+
+@pytest.mark.slow  # a process
+def test_triton_resources_refuses_a_bad_tile_before_compiling(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'triton_resources.py'), '--tiles',
+                           '64x24w4', '--out', str(tmp_path / 'res')], capture_output=True, text=True, timeout=300,
+                          cwd=root)
+    assert proc.returncode == 1
+    assert 'error: --tiles 64x24w4: expected PxCwW' in proc.stderr and list(tmp_path.iterdir()) == []
