@@ -248,7 +248,10 @@ def test_kernels_compile_for_a_gpu_without_spilling(tmp_path):
 def test_triton_resources_occupancy_counts_registers_per_warp_in_units_of_256():
     import importlib.util
     import os
+    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.join(root, 'benchmarks') not in sys.path:  # the benchmarks import each other
+        sys.path.insert(0, os.path.join(root, 'benchmarks'))
     spec = importlib.util.spec_from_file_location('triton_resources', os.path.join(root, 'benchmarks',
                                                                                     'triton_resources.py'))
     saved = os.environ.get('TRITON_INTERPRET')

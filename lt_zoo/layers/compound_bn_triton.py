@@ -93,6 +93,13 @@ if triton is not None:
         return tl.where(m2, xt - s[None, :], 0.0)
 
     @triton.jit
+    def _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, value):
+        """A [BLOCK_P, BLOCK_C] tile of a map, in the map's dtype."""
+        off = n.to(tl.int64) * son + l.to(tl.int64) * sol
+        tl.store(out_ptr + off[:, None] + c[None, :].to(tl.int64) * soc, value.to(out_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
+
+    @triton.jit
     def _coef_tile(w_ptr, k, kmask, c, cmask, C, COMPUTE: tl.constexpr):
         """An (M, C) coefficient as a [BLOCK_M, BLOCK_C] tile, 0 outside."""
         return tl.load(w_ptr + k[:, None] * C + c[None, :], mask=kmask[:, None] & cmask[None, :],
@@ -196,7 +203,6 @@ if triton is not None:
         n, l, pmask, xoff = _positions(tl.program_id(0) * BLOCK_P, P, L, sxn, sxl, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c < C
-        m2 = pmask[:, None] & cmask[None, :]
         xs = _shifted_tile(x_ptr, shift_ptr, xoff, pmask, c, cmask, sxc, COMPUTE)
         ra = tl.zeros([BLOCK_P, BLOCK_C], dtype=COMPUTE)
         rb = tl.zeros([BLOCK_P, BLOCK_C], dtype=COMPUTE)
@@ -211,8 +217,7 @@ if triton is not None:
         out = xs * ra + rd
         if HAS_G:
             out += _map_tile(g_ptr, n, l, pmask, c, cmask, sgn, sgc, sgl, COMPUTE) * rb
-        ooff = n.to(tl.int64) * son + l.to(tl.int64) * sol
-        tl.store(out_ptr + ooff[:, None] + c[None, :].to(tl.int64) * soc, out.to(out_ptr.dtype.element_ty), mask=m2)
+        _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, out)
 
     @triton.jit
     def _eval_kernel(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, scale_ptr, offset_ptr, out_ptr, P, C, L, M,
@@ -225,15 +230,13 @@ if triton is not None:
                         BLOCK_P, BLOCK_C, BLOCK_M, COMPUTE, FLOOR)
         k = tl.arange(0, BLOCK_M)
         kmask = k < M
-        ooff = n.to(tl.int64) * son + l.to(tl.int64) * sol
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < C
             xs = _shifted_tile(x_ptr, shift_ptr, xoff, pmask, c, cmask, sxc, COMPUTE)
             out = xs * _mixed(r, scale_ptr, k, kmask, c, cmask, C, COMPUTE) + \
                 _mixed(r, offset_ptr, k, kmask, c, cmask, C, COMPUTE)
-            tl.store(out_ptr + ooff[:, None] + c[None, :].to(tl.int64) * soc, out.to(out_ptr.dtype.element_ty),
-                     mask=pmask[:, None] & cmask[None, :])
+            _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, out)
 
 
 _INTERPRETED = triton is not None and type(_estep_kernel).__name__ == 'InterpretedFunction'
