@@ -212,6 +212,12 @@ def test_cbn_kernel_key_sets_every_compound_bn_layer_of_the_trained_model(tmp_pa
     assert yaml.safe_load((out / 'config.yaml').read_text())['cbn_kernel'] == 'gemm'
 
 
+def test_cbn_kernel_choices_of_the_config_are_the_layers_kernels():
+    from lt_zoo.layers.compound_bn_functional import KERNELS
+    from lt_zoo.training.config import CBN_KERNELS
+    assert CBN_KERNELS == KERNELS
+
+
 def test_cbn_kernel_triton_is_refused_on_a_cpu_run_before_anything_is_written(tmp_path, monkeypatch):
     from lt_zoo.layers import compound_bn_triton
     from lt_zoo.training import trainer
