@@ -49,17 +49,17 @@ _TL = {'fp32': tl.float32, 'fp64': tl.float64}
 
 
 def variants(components):
-    """(kernel name, map dtype, M, has g, constexprs) of every launch compound_bn_triton makes."""
+    """(kernel name, map dtype, M, flag, constexprs) of every launch compound_bn_triton makes; the flag is
+    HAS_G of the moments and output passes (with g: backward) and OUTPUT of the E-step (eval)."""
     out = []
     for dt in ('fp32', 'bf16', 'fp16', 'fp64'):
         compute = 'fp64' if dt == 'fp64' else 'fp32'
         for m in components:
             bm = max(2, triton.next_power_of_2(m))
             common = dict(COMPUTE=_TL[compute])
-            out.append(('_estep_kernel', dt, m, None, dict(common, BLOCK_P=cbt._BLOCK_P, BLOCK_C=cbt._BLOCK_C,
-                                                             BLOCK_M=bm, FLOOR=cbt.R_FLOOR)))
-            out.append(('_eval_kernel', dt, m, None, dict(common, BLOCK_P=cbt._BLOCK_P, BLOCK_C=cbt._BLOCK_C,
-                                                            BLOCK_M=bm, FLOOR=cbt.R_FLOOR)))
+            for output in (False, True):  # the training E-step (R stored) and eval (the output)
+                out.append(('_estep_kernel', dt, m, output, dict(common, OUTPUT=output, BLOCK_P=cbt._BLOCK_P,
+                                                                 BLOCK_C=cbt._BLOCK_C, BLOCK_M=bm, FLOOR=cbt.R_FLOOR)))
             for has_g in (False, True):
                 out.append(('_moments_kernel', dt, m, has_g, dict(common, HAS_G=has_g, BLOCK_P=cbt._MOMENT_P,
                                                                   BLOCK_C=cbt._MOMENT_C, BLOCK_M=bm)))
@@ -107,8 +107,9 @@ def run(archs, components) -> list:
         target = GPUTarget('cuda', arch, 32)
         for name, dt, m, has_g, const in variants(components):
             fn = getattr(cbt, name)
-            row = {'arch': f'sm_{arch}', 'kernel': name.strip('_'), 'map_dtype': dt, 'components': m,
-                   'with_g': has_g, 'warps': cbt._WARPS}
+            kernel_name = name.strip('_') + (' (eval)' if const.get('OUTPUT') else '')
+            row = {'arch': f'sm_{arch}', 'kernel': kernel_name, 'map_dtype': dt, 'components': m,
+                   'with_g': None if 'OUTPUT' in const else has_g, 'warps': cbt._WARPS}
             try:
                 kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, dt, const), constexprs=const),
                                         target=target, options={'num_warps': cbt._WARPS})

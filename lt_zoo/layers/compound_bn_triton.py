@@ -106,6 +106,12 @@ if triton is not None:
                        other=0.0).to(COMPUTE)
 
     @triton.jit
+    def _mixed(r, w_ptr, k, kmask, c, cmask, C, COMPUTE: tl.constexpr):
+        """sum_k r[p, k] w[k, c]: [BLOCK_P, BLOCK_C]."""
+        w = _coef_tile(w_ptr, k, kmask, c, cmask, C, COMPUTE)
+        return tl.sum(r[:, :, None] * w[None, :, :], axis=1)
+
+    @triton.jit
     def _posteriors(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, xoff, pmask, C, M, sxc,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
                     FLOOR: tl.constexpr):
@@ -130,16 +136,28 @@ if triton is not None:
         return tl.where(r <= FLOOR, 0.0, r)  # NaN stays NaN, as F.threshold
 
     @triton.jit
-    def _estep_kernel(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, r_ptr, P, C, L, M, sxn, sxc, sxl,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
-                      FLOOR: tl.constexpr):
-        """R[n, k, l] (contiguous (N, M, L)) for one block of positions."""
+    def _estep_kernel(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, r_ptr, scale_ptr, offset_ptr, out_ptr,
+                      P, C, L, M, sxn, sxc, sxl, son, soc, sol,
+                      OUTPUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                      COMPUTE: tl.constexpr, FLOOR: tl.constexpr):
+        """The E-step of one block of positions; then, without OUTPUT, R[n, k, l] (contiguous (N, M, L)) is
+        stored, with OUTPUT (eval) out = sum_k r (scale_k (x-s) + offset_k), channel block by block."""
         n, l, pmask, xoff = _positions(tl.program_id(0) * BLOCK_P, P, L, sxn, sxl, BLOCK_P)
         r = _posteriors(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, xoff, pmask, C, M, sxc,
                         BLOCK_P, BLOCK_C, BLOCK_M, COMPUTE, FLOOR)
         k = tl.arange(0, BLOCK_M)
-        roff = n.to(tl.int64)[:, None] * (M * L) + k[None, :] * L + l[:, None]
-        tl.store(r_ptr + roff, r, mask=pmask[:, None] & (k < M)[None, :])
+        kmask = k < M
+        if OUTPUT:
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                cmask = c < C
+                xs = _shifted_tile(x_ptr, shift_ptr, xoff, pmask, c, cmask, sxc, COMPUTE)
+                out = xs * _mixed(r, scale_ptr, k, kmask, c, cmask, C, COMPUTE) + \
+                    _mixed(r, offset_ptr, k, kmask, c, cmask, C, COMPUTE)
+                _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, out)
+        else:
+            roff = n.to(tl.int64)[:, None] * (M * L) + k[None, :] * L + l[:, None]
+            tl.store(r_ptr + roff, r, mask=pmask[:, None] & kmask[None, :])
 
     @triton.jit
     def _r_tile(r_ptr, n, l, pmask, k, kmask, srn, srk, srl, COMPUTE: tl.constexpr):
@@ -188,12 +206,6 @@ if triton is not None:
         tl.store(out2_ptr + ooff, tl.sum(acc2, axis=0), mask=omask)
 
     @triton.jit
-    def _mixed(r, w_ptr, k, kmask, c, cmask, C, COMPUTE: tl.constexpr):
-        """sum_k r[p, k] w[k, c]: [BLOCK_P, BLOCK_C]."""
-        w = _coef_tile(w_ptr, k, kmask, c, cmask, C, COMPUTE)
-        return tl.sum(r[:, :, None] * w[None, :, :], axis=1)
-
-    @triton.jit
     def _combine_kernel(x_ptr, g_ptr, shift_ptr, r_ptr, a_ptr, b_ptr, d_ptr, out_ptr, P, C, L,
                         sxn, sxc, sxl, sgn, sgc, sgl, srn, srk, srl, son, soc, sol,
                         M: tl.constexpr, HAS_G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -218,25 +230,6 @@ if triton is not None:
         if HAS_G:
             out += _map_tile(g_ptr, n, l, pmask, c, cmask, sgn, sgc, sgl, COMPUTE) * rb
         _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, out)
-
-    @triton.jit
-    def _eval_kernel(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, scale_ptr, offset_ptr, out_ptr, P, C, L, M,
-                     sxn, sxc, sxl, son, soc, sol,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, COMPUTE: tl.constexpr,
-                     FLOOR: tl.constexpr):
-        """Eval: r by the E-step, then out = sum_k r (scale_k (x-s) + offset_k), channel block by block."""
-        n, l, pmask, xoff = _positions(tl.program_id(0) * BLOCK_P, P, L, sxn, sxl, BLOCK_P)
-        r = _posteriors(x_ptr, shift_ptr, w1_ptr, w2_ptr, const_ptr, xoff, pmask, C, M, sxc,
-                        BLOCK_P, BLOCK_C, BLOCK_M, COMPUTE, FLOOR)
-        k = tl.arange(0, BLOCK_M)
-        kmask = k < M
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cmask = c < C
-            xs = _shifted_tile(x_ptr, shift_ptr, xoff, pmask, c, cmask, sxc, COMPUTE)
-            out = xs * _mixed(r, scale_ptr, k, kmask, c, cmask, C, COMPUTE) + \
-                _mixed(r, offset_ptr, k, kmask, c, cmask, C, COMPUTE)
-            _store_tile(out_ptr, n, l, pmask, c, cmask, son, soc, sol, out)
 
 
 _INTERPRETED = triton is not None and type(_estep_kernel).__name__ == 'InterpretedFunction'
@@ -287,27 +280,32 @@ def _multiprocessors(x: Tensor) -> int:
     return 1  # the interpreter: fewest programs
 
 
-def _estep_impl(x: Tensor, shift: Tensor, w1: Tensor, w2: Tensor, const: Tensor) -> Tensor:
+def _maps(x: Tensor, g: Optional[Tensor] = None):
+    """(x, g) in standard layouts (g may be None), C, L = H*W, the positions N*L and the compute dtype."""
     x = _standard(x)
     n, c, h, w = x.shape
-    cdt = _compute(x)
+    return x, (_standard(g) if g is not None else None), c, h * w, n * h * w, _compute(x)
+
+
+def _g_strides(g: Optional[Tensor]) -> Tuple[int, int, int]:
+    return _strides(g) if g is not None else (0, 0, 0)
+
+
+def _estep_impl(x: Tensor, shift: Tensor, w1: Tensor, w2: Tensor, const: Tensor) -> Tensor:
+    x, _, c, L, P, cdt = _maps(x)
     m = w1.shape[0]
-    R = torch.empty(n, m, h * w, dtype=cdt, device=x.device)
-    P = n * h * w
+    R = torch.empty(x.shape[0], m, L, dtype=cdt, device=x.device)
+    w1 = _small(w1, cdt)
     _estep_kernel[(triton.cdiv(P, _BLOCK_P),)](
-        x, _small(shift, cdt), _small(w1, cdt), _small(w2, cdt), _small(const, cdt), R, P, c, h * w, m,
-        *_strides(x), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_M=_block_m(m), COMPUTE=_tl_dtype(cdt),
-        FLOOR=R_FLOOR, num_warps=_WARPS)
+        x, _small(shift, cdt), w1, _small(w2, cdt), _small(const, cdt), R, w1, w1, x, P, c, L, m,
+        *_strides(x), 0, 0, 0, OUTPUT=False, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_M=_block_m(m),
+        COMPUTE=_tl_dtype(cdt), FLOOR=R_FLOOR, num_warps=_WARPS)
     return R
 
 
 def _moments_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor) -> Tuple[Tensor, Tensor]:
-    x = _standard(x)
-    g = _standard(g) if g is not None else None
-    n, c, h, w = x.shape
-    cdt = _compute(x)
+    x, g, c, L, P, cdt = _maps(x, g)
     m = R.shape[1]
-    P = n * h * w
     cblocks, pblocks = triton.cdiv(c, _MOMENT_C), triton.cdiv(P, _MOMENT_P)
     want = max(1, _PROGRAMS_PER_SM * _multiprocessors(x) // cblocks)
     per_group = triton.cdiv(pblocks, min(want, pblocks))
@@ -315,40 +313,32 @@ def _moments_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor) -> T
     out1 = torch.empty(groups, m, c, dtype=cdt, device=x.device)
     out2 = torch.empty_like(out1)
     _moments_kernel[(cblocks, groups)](
-        x, g if g is not None else x, _small(shift, cdt), R, out1, out2, P, c, h * w, m, *_strides(x),
-        *(_strides(g) if g is not None else (0, 0, 0)), *_r_strides(R), per_group, HAS_G=g is not None,
-        BLOCK_P=_MOMENT_P, BLOCK_C=_MOMENT_C, BLOCK_M=_block_m(m), COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
+        x, g if g is not None else x, _small(shift, cdt), R, out1, out2, P, c, L, m, *_strides(x), *_g_strides(g),
+        *_r_strides(R), per_group, HAS_G=g is not None, BLOCK_P=_MOMENT_P, BLOCK_C=_MOMENT_C, BLOCK_M=_block_m(m),
+        COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
     return out1.sum(0), out2.sum(0)
 
 
 def _combine_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor, A: Tensor, B: Optional[Tensor],
                   D: Tensor) -> Tensor:
-    x = _standard(x)
-    g = _standard(g) if g is not None else None
-    n, c, h, w = x.shape
-    cdt = _compute(x)
-    m = R.shape[1]
-    P = n * h * w
+    x, g, c, L, P, cdt = _maps(x, g)
     out = torch.empty_like(x)
     A, D = _small(A, cdt), _small(D, cdt)
     _combine_kernel[(triton.cdiv(P, _COMBINE_P), triton.cdiv(c, _COMBINE_C))](
         x, g if g is not None else x, _small(shift, cdt), R, A, _small(B, cdt) if B is not None else A, D, out,
-        P, c, h * w, *_strides(x), *(_strides(g) if g is not None else (0, 0, 0)), *_r_strides(R), *_strides(out),
-        M=m, HAS_G=g is not None, BLOCK_P=_COMBINE_P, BLOCK_C=_COMBINE_C, COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
+        P, c, L, *_strides(x), *_g_strides(g), *_r_strides(R), *_strides(out), M=R.shape[1], HAS_G=g is not None,
+        BLOCK_P=_COMBINE_P, BLOCK_C=_COMBINE_C, COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
     return out
 
 
 def _eval_impl(x: Tensor, shift: Tensor, w1: Tensor, w2: Tensor, const: Tensor, scale: Tensor,
                offset: Tensor) -> Tensor:
-    x = _standard(x)
-    n, c, h, w = x.shape
-    cdt = _compute(x)
-    m = w1.shape[0]
-    P = n * h * w
+    x, _, c, L, P, cdt = _maps(x)
     out = torch.empty_like(x)
-    _eval_kernel[(triton.cdiv(P, _BLOCK_P),)](
-        x, *(_small(t, cdt) for t in (shift, w1, w2, const, scale, offset)), out, P, c, h * w, m, *_strides(x),
-        *_strides(out), BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_M=_block_m(m), COMPUTE=_tl_dtype(cdt),
+    shift, w1, w2, const, scale, offset = (_small(t, cdt) for t in (shift, w1, w2, const, scale, offset))
+    _estep_kernel[(triton.cdiv(P, _BLOCK_P),)](
+        x, shift, w1, w2, const, w1, scale, offset, out, P, c, L, w1.shape[0], *_strides(x), *_strides(out),
+        OUTPUT=True, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_M=_block_m(w1.shape[0]), COMPUTE=_tl_dtype(cdt),
         FLOOR=R_FLOOR, num_warps=_WARPS)
     return out
 
