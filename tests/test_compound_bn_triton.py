@@ -220,6 +220,13 @@ def test_triton_custom_ops_pass_torch_library_opcheck(channels_last):
     torch.library.opcheck(cbt._combine_op, (x, g, shift, R, A, B, D))
     torch.library.opcheck(cbt._combine_op, (x.float(), None, shift.float(), R.float(), A, None, D))
     torch.library.opcheck(cbt._eval_op, (x.bfloat16(), shift, *coef, A, D))
+    # a dense map in neither standard layout (what a compiled graph may hand a flexible-layout op): computed
+    # in a contiguous copy, returned in the strides the fake implementation promised
+    odd = x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert not odd.is_contiguous() and not odd.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(cbt._combine_op, (odd, None, shift, R, A, None, D))
+    torch.library.opcheck(cbt._eval_op, (odd, shift, *coef, A, D))
+    torch.testing.assert_close(cbt.combine(odd, None, R, A, None, D, shift), cbt.combine(x, None, R, A, None, D, shift))
 
 
 @pytest.mark.slow  # a process compiling 24 kernels

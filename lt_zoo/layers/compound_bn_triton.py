@@ -287,6 +287,14 @@ def _maps(x: Tensor, g: Optional[Tensor] = None):
     return x, (_standard(g) if g is not None else None), c, h * w, n * h * w, _compute(x)
 
 
+def _in_layout_of(out: Tensor, x: Tensor) -> Tensor:
+    """out with the strides torch.empty_like(x) gives, which the fake implementations promise (a map in
+    neither standard layout was computed in a contiguous copy)."""
+    if out.stride() == x.stride():
+        return out
+    return torch.empty_like(x).copy_(out)
+
+
 def _g_strides(g: Optional[Tensor]) -> Tuple[int, int, int]:
     return _strides(g) if g is not None else (0, 0, 0)
 
@@ -319,28 +327,28 @@ def _moments_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor) -> T
     return out1.sum(0), out2.sum(0)
 
 
-def _combine_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor, A: Tensor, B: Optional[Tensor],
+def _combine_impl(x_in: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor, A: Tensor, B: Optional[Tensor],
                   D: Tensor) -> Tensor:
-    x, g, c, L, P, cdt = _maps(x, g)
+    x, g, c, L, P, cdt = _maps(x_in, g)
     out = torch.empty_like(x)
     A, D = _small(A, cdt), _small(D, cdt)
     _combine_kernel[(triton.cdiv(P, _COMBINE_P), triton.cdiv(c, _COMBINE_C))](
         x, g if g is not None else x, _small(shift, cdt), R, A, _small(B, cdt) if B is not None else A, D, out,
         P, c, L, *_strides(x), *_g_strides(g), *_r_strides(R), *_strides(out), M=R.shape[1], HAS_G=g is not None,
         BLOCK_P=_COMBINE_P, BLOCK_C=_COMBINE_C, COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
-    return out
+    return _in_layout_of(out, x_in)
 
 
-def _eval_impl(x: Tensor, shift: Tensor, w1: Tensor, w2: Tensor, const: Tensor, scale: Tensor,
+def _eval_impl(x_in: Tensor, shift: Tensor, w1: Tensor, w2: Tensor, const: Tensor, scale: Tensor,
                offset: Tensor) -> Tensor:
-    x, _, c, L, P, cdt = _maps(x)
+    x, _, c, L, P, cdt = _maps(x_in)
     out = torch.empty_like(x)
     shift, w1, w2, const, scale, offset = (_small(t, cdt) for t in (shift, w1, w2, const, scale, offset))
     _estep_kernel[(triton.cdiv(P, _BLOCK_P),)](
         x, shift, w1, w2, const, w1, scale, offset, out, P, c, L, w1.shape[0], *_strides(x), *_strides(out),
         OUTPUT=True, BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_M=_block_m(w1.shape[0]), COMPUTE=_tl_dtype(cdt),
         FLOOR=R_FLOOR, num_warps=_WARPS)
-    return out
+    return _in_layout_of(out, x_in)
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
