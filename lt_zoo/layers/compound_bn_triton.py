@@ -77,7 +77,7 @@ def _compute(x: Tensor) -> torch.dtype:
 if triton is not None:
     @triton.jit
     def _positions(pstart, P, L, sxn, sxl, BLOCK_P: tl.constexpr):
-        """Positions p = n L + l of one block: (p, in range, image, offset of (n, l) in a map)."""
+        """Positions p = n L + l of one block: (image n, position l, in range, offset of (n, l) in the map)."""
         p = pstart + tl.arange(0, BLOCK_P)
         pmask = p < P
         n = p // L
