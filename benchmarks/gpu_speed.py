@@ -89,13 +89,10 @@ def model_keys(models, cbn_kernels):
 def build(key: str, device: str) -> torch.nn.Module:
     import timm
     import lt_zoo  # noqa: F401  (registers resnet50_nbn / resnet50_cbn)
-    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    from lt_zoo.layers.compound_bn import set_cbn_kernel
     arch, kw = MODELS['cbn_m4' if key.startswith('cbn_m4') else key]
     model = timm.create_model(arch, num_classes=1000, **kw)
-    kernel = key[len('cbn_m4_'):] if key.startswith('cbn_m4_') else 'auto'
-    for m in model.modules():
-        if isinstance(m, CompoundBatchNorm2d):
-            m.kernel = kernel
+    set_cbn_kernel(model, key[len('cbn_m4_'):] if key.startswith('cbn_m4_') else 'auto')
     return model.to(device, memory_format=torch.channels_last)
 
 

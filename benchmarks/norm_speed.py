@@ -40,7 +40,7 @@ TARGETS = {'eager': 1.3, 'compiled': 1.15}
 def build_models(mode: str, num_classes=10):
     import timm
     import lt_zoo  # noqa: F401  (registers the lt_zoo entrypoints)
-    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d
+    from lt_zoo.layers.compound_bn import CompoundBatchNorm2d, set_cbn_kernel
     models = {
         'bn': timm.create_model('resnet32', num_classes=num_classes),
         'nbn': timm.create_model('resnet32_nbn', num_classes=num_classes),
@@ -51,15 +51,11 @@ def build_models(mode: str, num_classes=10):
     if mode == 'compiled':
         # the same CBN network traced as broadcasts and sums (what CUDA compiles), beside the native custom ops
         models['cbn_m4_pointwise'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=4)
-        for m in models['cbn_m4_pointwise'].modules():
-            if isinstance(m, CompoundBatchNorm2d):
-                m.kernel = 'pointwise'
+        set_cbn_kernel(models['cbn_m4_pointwise'], 'pointwise')
     if mode == 'eager':
         # the same CBN network on the GEMM formulation: what the native C++ kernel gains, round-robin
         models['cbn_m4_gemm'] = timm.create_model('resnet32_cbn', num_classes=num_classes, num_components=4)
-        for m in models['cbn_m4_gemm'].modules():
-            if isinstance(m, CompoundBatchNorm2d):
-                m.kernel = 'gemm'
+        set_cbn_kernel(models['cbn_m4_gemm'], 'gemm')
     # every mode: what the network costs without norm layers, the floor of each norm's cost (compiled too,
     # where it bounds what any CBN integration could reach; benchmarks/cbn_pass_bound.py)
     models['no_norm'] = timm.create_model('resnet32', num_classes=num_classes)

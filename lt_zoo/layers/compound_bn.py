@@ -415,8 +415,7 @@ def _check_int(name: str, value) -> None:
 def set_cbn_kernel(model: nn.Module, kernel: str) -> int:
     """Set the ``kernel`` attribute of every CompoundBatchNorm2d of ``model`` (compound_bn_functional.KERNELS;
     the formulations agree to rounding, docs/compound_bn_numerics.md#decision-kernel); returns how many."""
-    if kernel not in cbf.KERNELS:
-        raise ValueError(f"kernel must be one of {cbf.KERNELS}, got {kernel!r}")
+    cbf.check_kernel(kernel)
     layers = [m for m in model.modules() if isinstance(m, CompoundBatchNorm2d)]
     for m in layers:
         m.kernel = kernel

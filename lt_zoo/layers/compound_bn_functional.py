@@ -28,7 +28,7 @@ from . import compound_bn_ops as _ops
 from . import compound_bn_triton as _triton
 
 __all__ = ['BatchStats', 'FoldedEval', 'compound_batch_norm', 'estep_coefficients', 'fold_running',
-           'compound_norm_eval', 'responsibilities']
+           'compound_norm_eval', 'responsibilities', 'check_kernel']
 
 # A component needs more than one (soft) vector for a variance: at or below this it is inactive this batch.
 MIN_COUNT = 1.0
@@ -93,7 +93,7 @@ def compiled_native_train(kernel: str, x: torch.Tensor, train_stats: str, respon
             and _compiled_native(kernel, x))
 
 
-def _check_kernel(kernel: str) -> None:
+def check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
@@ -311,7 +311,7 @@ def compound_norm_eval(x: torch.Tensor, f: FoldedEval, responsibility_grad: bool
                        kernel: str = 'auto') -> torch.Tensor:
     """Inference forward from folded constants; r is a constant unless ``responsibility_grad``.
     GEMM kernel: two map-sized buffers, x - s and (x - s)^2, which then receives the output."""
-    _check_kernel(kernel)
+    check_kernel(kernel)
     _use_triton(kernel, x)
     if _compiled_native(kernel, x) and not _needs_graph(x, f.scale, f.offset, f.w1, f.w2):
         return _ops.eval_forward(x, f.w1, f.w2, f.const, f.scale, f.offset, f.shift)
@@ -555,7 +555,7 @@ def compound_batch_norm(
     all-reduce the batch sums over the initialised process group.  Options as CompoundBatchNorm2d's.
     ``kernel``: see :data:`KERNELS`.
     """
-    _check_kernel(kernel)
+    check_kernel(kernel)
     _use_triton(kernel, x)
     cdt = compute_dtype(x)
     prior, mean, var = (t if t.dtype == cdt else t.to(cdt) for t in (running_prior, running_mean, running_var))

@@ -53,10 +53,14 @@ def available() -> bool:
     return triton is not None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels run on ``device``: CUDA with Triton installed, or the CPU under the interpreter."""
+    return available() and (device.type == 'cuda' or (device.type == 'cpu' and interpreting()))
+
+
 def supports(x: Tensor) -> bool:
-    """Whether the kernels take this map: a 4-D float tensor on CUDA (or on CPU under the interpreter)."""
-    device_ok = x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreting())
-    return available() and device_ok and x.dim() == 4 and x.dtype in _DTYPES
+    """Whether the kernels take this map: a 4-D float tensor on a device they run on (:func:`runs_on`)."""
+    return runs_on(x.device) and x.dim() == 4 and x.dtype in _DTYPES
 
 
 def why_not(x: Tensor) -> str:
@@ -318,13 +322,12 @@ def _moments_impl(x: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor) -> T
     want = max(1, _PROGRAMS_PER_SM * _multiprocessors(x) // cblocks)
     per_group = triton.cdiv(pblocks, min(want, pblocks))
     groups = triton.cdiv(pblocks, per_group)
-    out1 = torch.empty(groups, m, c, dtype=cdt, device=x.device)
-    out2 = torch.empty_like(out1)
+    parts = torch.empty(2, groups, m, c, dtype=cdt, device=x.device)
     _moments_kernel[(cblocks, groups)](
-        x, g if g is not None else x, _small(shift, cdt), R, out1, out2, P, c, L, m, *_strides(x), *_g_strides(g),
-        *_r_strides(R), per_group, HAS_G=g is not None, BLOCK_P=_MOMENT_P, BLOCK_C=_MOMENT_C, BLOCK_M=_block_m(m),
-        COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
-    return out1.sum(0), out2.sum(0)
+        x, g if g is not None else x, _small(shift, cdt), R, parts[0], parts[1], P, c, L, m, *_strides(x),
+        *_g_strides(g), *_r_strides(R), per_group, HAS_G=g is not None, BLOCK_P=_MOMENT_P, BLOCK_C=_MOMENT_C,
+        BLOCK_M=_block_m(m), COMPUTE=_tl_dtype(cdt), num_warps=_WARPS)
+    return parts[0].sum(0), parts[1].sum(0)  # two tensors: a custom op's outputs may not share storage
 
 
 def _combine_impl(x_in: Tensor, g: Optional[Tensor], shift: Tensor, R: Tensor, A: Tensor, B: Optional[Tensor],

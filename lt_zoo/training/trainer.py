@@ -114,7 +114,7 @@ def _train(cfg: Dict[str, Any], command: str) -> Tuple[Optional[dict], Optional[
                               gradient_accumulation_steps=c.optim.gradient_accumulation_steps,
                               log_with=c.log.log_with, project_dir=run_dir, kwargs_handlers=[ddp])
     set_seed(c.run.seed)
-    if c.run.cbn_kernel == 'triton' and accelerator.device.type != 'cuda' and not cbn_triton.interpreting():
+    if c.run.cbn_kernel == 'triton' and not cbn_triton.runs_on(accelerator.device):
         raise ValueError(f"cbn_kernel 'triton' runs on CUDA, but this run's device is {accelerator.device}; "
                          f"use 'auto'")
 
