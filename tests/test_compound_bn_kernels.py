@@ -87,19 +87,22 @@ def test_unknown_kernel_is_refused_before_any_work():
         cbf.compound_batch_norm(x, prior, mean, var, weight, bias, True, kernel='fused')
 
 
-@pytest.mark.parametrize('positions', [lambda t: 1, lambda t: t, lambda t: t + 3, lambda t: 6 * t - 1],
-                         ids=['1x1', 'one_tile', 'ragged', 'six_tiles'])
+@pytest.mark.parametrize('positions', [lambda t: 1, lambda t: t, lambda t: t + 3, lambda t: 2 * t,
+                                       lambda t: 6 * t - 1],
+                         ids=['1x1', 'one_vector', 'ragged', 'two_vectors', 'six_vectors'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('channels', [5, 16, 48])
 def test_native_kernel_matches_gemm_at_every_tile_boundary(positions, dtype, channels):
-    """The native passes walk the map in tiles of T positions, T the lanes of one vector register of the
-    CPU (the library reports it); maps below, at and across a tile boundary, in float32 (the training
-    dtype; GEMM summation order differs) and float64.  With 16 and 48 channels (multiples of every T) a
-    channels_last tile is transposed in registers in T x T blocks: one or three blocks for AVX-512's
-    float32 T = 16, two or six for AVX2's float32 T = 8; 5 channels fall back to a scalar copy."""
+    """The native passes walk the map in tiles of U vectors of T positions, T the lanes of one vector
+    register of the CPU and U = 2 (1 with AVX-512; the library reports both); maps below, at and across
+    a vector's and a tile's boundary (one vector: a tile whose second vector is empty), in float32 (the
+    training dtype; GEMM summation order differs) and float64.  With 16 and 48 channels (multiples of
+    every T) a channels_last tile is transposed in registers in T x T blocks: one or three blocks for
+    AVX-512's float32 T = 16, two or six for AVX2's float32 T = 8; 5 channels fall back to a scalar copy."""
     from lt_zoo.layers import compound_bn_native
     t = compound_bn_native.tile_positions(dtype)
     assert t in (2, 4, 8, 16) and t * dtype.itemsize in (16, 32, 64)  # one SSE, AVX or AVX-512 register
+    assert compound_bn_native.tile_vectors(dtype) == (1 if t * dtype.itemsize == 64 else 2)
     hw = (1, positions(t))
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
     for cl in (False, True):

@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
-           'tile_positions', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update',
+           'tile_positions', 'tile_vectors', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update',
            'train_forward', 'train_backward', 'batch_statistics', 'train_buffer_size',
            'eval_running']
 
@@ -118,9 +118,14 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def tile_positions(dtype: torch.dtype) -> int:
-    """Positions per tile of the built library: one vector register of this CPU (16 float32 with AVX-512,
-    8 with AVX2, 4 with SSE; half as many float64)."""
+    """Positions per vector of the built library: one vector register of this CPU (16 float32 with
+    AVX-512, 8 with AVX2, 4 with SSE; half as many float64)."""
     return int(_fn('tile_positions', dtype)())
+
+
+def tile_vectors(dtype: torch.dtype) -> int:
+    """Vectors per tile of the passes: 2, or 1 with AVX-512 (csrc/compound_bn_cpu.cpp, kTileVectors)."""
+    return int(_fn('tile_vectors', dtype)())
 
 
 # Argument types of the entry points (P: a pointer, I: int64, i: int), declared once so that a call
@@ -132,6 +137,7 @@ _SIGNATURES = {
     'grad_moments': 'PPPIIIiPIIPPi',
     'eval': 'PPIIIiPPPIPPPi',
     'tile_positions': '',
+    'tile_vectors': '',
     'coefficients': 'PPPIISSPPP',
     'fold': 'PPPPPIISSiP',
     'batch_affine': 'PPPPPPIISSiiP',
@@ -151,7 +157,7 @@ def _fn(name: str, dtype: torch.dtype):
     if fn is None:
         fn = getattr(_load(), f'cbn_{name}_{_SUFFIX[dtype]}')
         fn.argtypes = [_SCALAR[dtype] if k == 'S' else _CTYPES[k] for k in _SIGNATURES[name]]
-        fn.restype = ctypes.c_int64 if name == 'tile_positions' else None
+        fn.restype = ctypes.c_int64 if name in ('tile_positions', 'tile_vectors') else None
         _fns[(name, dtype)] = fn
     return fn
 

@@ -1,10 +1,10 @@
 // Compound BN on CPU: the map-sized work of lt_zoo/layers/compound_bn_functional.py in one pass each.
 //
 // Built on first use by lt_zoo/layers/compound_bn_native.py (g++ -O3 -march=native, no torch headers) and
-// called through ctypes with raw pointers.  Every function walks the map in tiles of T positions of one
-// image (T lanes: one vector register of the target), gathered into a [C][T] scratch tile whatever the
-// map's layout (contiguous (N, C, L) or channels_last (N, L, C)), so every inner loop runs over T adjacent
-// positions and vectorises.
+// called through ctypes with raw pointers.  Every function walks the map in tiles of kTileVectors vectors
+// of T positions of one image (T lanes: one vector register of the target), gathered into a [U][C][T]
+// scratch tile whatever the map's layout (contiguous (N, C, L) or channels_last (N, L, C)), so every
+// inner loop runs over T adjacent positions and vectorises.
 //
 // Every pass takes the raw map and the shift s (C,) of the layer's shifted coordinates, and works on x - s.
 //   estep_moments  r_pk = softmax_k(const_k + sum_c x_pc (w1_kc + x_pc w2_kc)), thresholded at 1e-30
@@ -57,12 +57,22 @@ template <typename S> struct Lanes;
 template <> struct Lanes<float> {
     typedef float V __attribute__((vector_size(kVectorBytes)));
     typedef int32_t I __attribute__((vector_size(kVectorBytes)));
-    static constexpr int bits = 23, bias = 127, degree = 7;
+    static constexpr int bits = 23, bias = 127, degree = 6;
+    // 2^r on [-1/2, 1/2], degree 6, fitted for least maximum relative error (1.9e-9; 9.6e-8 evaluated in
+    // float, under one ulp)
+    static constexpr float exp2_coef[degree + 1] = {1.0f, 0.6931471824645996f, 0.24022646248340607f,
+                                                    0.05550328642129898f, 0.009618489071726799f,
+                                                    0.0013399930903688073f, 0.00015345810970757157f};
 };
 template <> struct Lanes<double> {
     typedef double V __attribute__((vector_size(kVectorBytes)));
     typedef int64_t I __attribute__((vector_size(kVectorBytes)));
     static constexpr int bits = 52, bias = 1023, degree = 12;
+    // 2^r on [-1/2, 1/2]: Taylor, (ln 2)^k / k! (truncation < 2e-16)
+    static constexpr double exp2_coef[degree + 1] = {
+        1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
+        0.0013333558146428443, 0.0001540353039338161, 1.525273380405984e-05, 1.3215486790144307e-06,
+        1.0178086009239699e-07, 7.054911620801123e-09, 4.445538271870811e-10, 2.5678435993488202e-11};
 };
 
 template <typename S, typename V = typename Lanes<S>::V>
@@ -82,34 +92,36 @@ inline S hsum(V v) {
     return s;
 }
 
-template <typename S>
-constexpr S inv_factorial(int k) {
-    double f = 1;
-    for (int i = 2; i <= k; ++i) f *= i;
-    return static_cast<S>(1 / f);
-}
-
-// exp(x) for x <= 0 on every lane, branch-free (libm's exp has no vector form here).  Below -70 it is 0:
-// a softmax term there is < exp(-69.08) = 1e-30 of the largest term, 1, so the threshold zeroes it anyway.
-// x = n ln2 + r with |r| <= ln2/2 (Cody-Waite), Taylor polynomial of degree 7 (float, relative error
-// < 2e-7) or 12 (double, < 1e-15), times 2^n built in the exponent bits.
-template <typename S, typename V = typename Lanes<S>::V>
-inline V exp_nonpositive(V x) {
+// y[i] = 2^y[i] for N vectors of y <= 0, branch-free (libm has no vector form here), in lockstep: each
+// step for all N before the next, so the N chains of dependent multiply-adds overlap.  y = n + r with
+// n = round(y) (r = y - n is exact), 2^r by the polynomial exp2_coef, times 2^n built in the exponent
+// bits.  y is clamped at -101 (the exponent bits would overflow below -126): 2^-101 < 1e-30 and every
+// caller divides by a sum >= 1 and thresholds at 1e-30, which zeroes such a term anyway.  NaN stays NaN.
+// Base 2 because the E-step's coefficients come pre-scaled by log2(e) (kLog2e): no multiply and no
+// two-step ln 2 reduction a term, and a polynomial of degree 6 for float instead of Taylor's 7.
+template <int N, typename S, typename V = typename Lanes<S>::V>
+inline void exp2_nonpositive(V* y) {
     using L = Lanes<S>;
     typedef typename L::I I;
-    const auto lo = x < S(-70);  // lane mask
-    const V xc = lo ? V{} + S(-70) : x;
-    const V y = xc * S(1.4426950408889634);
-    const I n = __builtin_convertvector(y - S(0.5), I);  // truncation of y - 1/2 <= 0: round to nearest
-    const V nf = __builtin_convertvector(n, V);
-    const V r = (xc - nf * S(0.693145751953125)) - nf * S(1.4286068203094173e-06);
-    V p = V{} + inv_factorial<S>(L::degree);
-    for (int k = L::degree - 1; k >= 0; --k) p = p * r + inv_factorial<S>(k);  // Horner: one FMA a degree
-    const I e = (n + L::bias) << L::bits;
-    V scale;
-    std::memcpy(&scale, &e, sizeof(V));
-    return lo ? V{} : p * scale;
+    I n[N];
+    V r[N], p[N];
+    for (int i = 0; i < N; ++i) {
+        const V yc = y[i] < S(-101) ? V{} + S(-101) : y[i];
+        n[i] = __builtin_convertvector(yc - S(0.5), I);  // truncation of y - 1/2 <= 0: round to nearest
+        r[i] = yc - __builtin_convertvector(n[i], V);
+        p[i] = V{} + L::exp2_coef[L::degree];
+    }
+    for (int k = L::degree - 1; k >= 0; --k)
+        for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + L::exp2_coef[k];  // Horner: one FMA a degree
+    for (int i = 0; i < N; ++i) {
+        const I e = (n[i] + L::bias) << L::bits;
+        V scale;
+        std::memcpy(&scale, &e, sizeof(V));
+        y[i] = p[i] * scale;
+    }
 }
+
+constexpr double kLog2e = 1.4426950408889634;
 
 // Images [first, last) of this OpenMP thread: a static split, so the order of every partial sum, and the
 // result, depend only on the number of threads.
@@ -119,13 +131,15 @@ inline void my_images(int64_t n, int64_t& first, int64_t& last) {
     last = n * (tid + 1) / nth;
 }
 
-// f(img, l0, tn) for every tile of this thread's images: positions [l0, l0 + tn) of image img
-template <typename S, typename F>
+// f(img, l0, tn) for every tile of this thread's images: positions [l0, l0 + tn) of image img, tiles of
+// U vectors (U T positions)
+template <typename S, int U, typename F>
 inline void each_tile(int64_t n, int64_t l, F&& f) {
     int64_t first, last;
     my_images(n, first, last);
+    constexpr int64_t W = U * T<S>;
     for (int64_t img = first; img < last; ++img)
-        for (int64_t l0 = 0; l0 < l; l0 += T<S>) f(img, l0, l - l0 < T<S> ? l - l0 : T<S>);
+        for (int64_t l0 = 0; l0 < l; l0 += W) f(img, l0, l - l0 < W ? l - l0 : W);
 }
 
 // In-register transpose of a T x T block (T vectors of T lanes: rows in, columns out), for channels_last
@@ -162,8 +176,12 @@ struct Tiles {
     int64_t n, c, l;
     int cl;  // 1: channels_last (N, L, C); 0: contiguous (N, C, L)
 
-    // tile[ch] = x[img, ch, l0 : l0 + tn], zero beyond tn
-    void gather(const S* x, int64_t img, int64_t l0, int64_t tn, V* tile) const {
+    // tile[ch] = x[img, ch, l0 : l0 + tn] - shift[ch] (shift nullptr: none), zero beyond tn before the
+    // shift: x - s without a shifted copy of the map; padded positions hold -s, and every caller gives them
+    // weight 0 or leaves them unwritten.  The members are read into locals first: a store through memcpy
+    // may alias anything, *this included, and would reload them for every channel.
+    void gather(const S* x, const S* shift, int64_t img, int64_t l0, int64_t tn, V* tile) const {
+        const int64_t c = this->c, l = this->l;
         if (cl) {
             // a transpose: in registers, T x T blocks, for C a multiple of T; else written straight into the
             // tile's storage, one channel's T lanes after another.  Filling a small
@@ -173,8 +191,10 @@ struct Tiles {
             S* flat = reinterpret_cast<S*>(tile);  // GCC vector types alias their element type
             if (tn == T<S> && c % T<S> == 0) {
                 for (int64_t ch0 = 0; ch0 < c; ch0 += T<S>) {
-                    for (int64_t t = 0; t < T<S>; ++t) tile[ch0 + t] = load<S>(base + t * c + ch0);
-                    transpose<S>(tile + ch0);
+                    V rows[T<S>];
+                    for (int64_t t = 0; t < T<S>; ++t) rows[t] = load<S>(base + t * c + ch0);
+                    transpose<S>(rows);
+                    for (int64_t t = 0; t < T<S>; ++t) tile[ch0 + t] = shift ? rows[t] - shift[ch0 + t] : rows[t];
                 }
                 return;
             }
@@ -185,32 +205,27 @@ struct Tiles {
                 for (int64_t ch = 0; ch < c; ++ch)
                     for (int64_t t = 0; t < T<S>; ++t) flat[ch * T<S> + t] = t < tn ? base[t * c + ch] : S(0);
             }
+            if (shift)
+                for (int64_t ch = 0; ch < c; ++ch) tile[ch] -= shift[ch];
         } else {
             const S* base = x + img * c * l + l0;
-            if (tn == T<S>) {
-                for (int64_t ch = 0; ch < c; ++ch) {
+            for (int64_t ch = 0; ch < c; ++ch) {
+                V v;
+                if (tn == T<S>) {
                     __builtin_prefetch(base + ch * l + kAhead<S>);
-                    tile[ch] = load<S>(base + ch * l);
-                }
-            } else {
-                for (int64_t ch = 0; ch < c; ++ch) {
+                    v = load<S>(base + ch * l);
+                } else {
                     S buf[T<S>] = {};
                     std::memcpy(buf, base + ch * l, tn * sizeof(S));
-                    tile[ch] = load<S>(buf);
+                    v = load<S>(buf);
                 }
+                tile[ch] = shift ? v - shift[ch] : v;
             }
         }
     }
 
-    // the same, minus the shift s per channel (nullptr: none): x - s without a shifted copy of the map;
-    // padded positions hold -s, and every caller gives them weight 0 or leaves them unwritten
-    void gather(const S* x, const S* shift, int64_t img, int64_t l0, int64_t tn, V* tile) const {
-        gather(x, img, l0, tn, tile);
-        if (shift)
-            for (int64_t ch = 0; ch < c; ++ch) tile[ch] -= shift[ch];
-    }
-
     void scatter(S* out, int64_t img, int64_t l0, int64_t tn, const V* tile) const {
+        const int64_t c = this->c, l = this->l;
         if (cl) {
             S* base = out + (img * l + l0) * c;
             if (tn == T<S> && c % T<S> == 0) {
@@ -227,11 +242,13 @@ struct Tiles {
                 for (int64_t t = 0; t < tn; ++t) base[t * c + ch] = flat[ch * T<S> + t];
         } else {
             S* base = out + img * c * l + l0;
-            for (int64_t ch = 0; ch < c; ++ch) {
-                if (tn == T<S>) {
+            if (tn == T<S>) {
+                for (int64_t ch = 0; ch < c; ++ch) {
                     __builtin_prefetch(base + ch * l + kAhead<S>, 1);
                     store(base + ch * l, tile[ch]);
-                } else {
+                }
+            } else {
+                for (int64_t ch = 0; ch < c; ++ch) {
                     S buf[T<S>];
                     store(buf, tile[ch]);
                     std::memcpy(base + ch * l, buf, tn * sizeof(S));
@@ -240,25 +257,51 @@ struct Tiles {
         }
     }
 
-    // r[k] of a stored R (N, M, lr) for one tile, 0 beyond tn; lr = 1: one weight per image
-    void load_r(const S* R, int64_t img, int64_t l0, int64_t tn, int64_t m, int64_t lr, V* r) const {
+    // r[k stride] of a stored R (N, M, lr) for one vector of positions, 0 beyond tn; lr = 1: one weight per
+    // image
+    void load_r(const S* R, int64_t img, int64_t l0, int64_t tn, int64_t m, int64_t lr, V* r, int64_t stride) const {
         for (int64_t k = 0; k < m; ++k) {
             const S* src = R + (img * m + k) * lr;
             if (lr == 1) {
                 S buf[T<S>];
                 for (int64_t t = 0; t < T<S>; ++t) buf[t] = t < tn ? src[0] : S(0);
-                r[k] = load<S>(buf);
+                r[k * stride] = load<S>(buf);
             } else if (tn == T<S>) {
                 __builtin_prefetch(src + l0 + kAhead<S>);
-                r[k] = load<S>(src + l0);
+                r[k * stride] = load<S>(src + l0);
             } else {
                 S buf[T<S>] = {};
                 std::memcpy(buf, src + l0, tn * sizeof(S));
-                r[k] = load<S>(buf);
+                r[k * stride] = load<S>(buf);
             }
         }
     }
 };
+
+// Tiles of the passes are kTileVectors vectors of T positions: each (M, C) coefficient loaded once serves
+// them all, the E-step runs that many FMA chains a component, and the moments' accumulators are loaded
+// and stored once per kTileVectors vectors (on an AVX2 CPU at M = 4: eval 0.69x and the training passes
+// 0.76x the time of one-vector tiles; benchmarks/results/cbn_kernel_ab.md).  One vector with AVX-512:
+// its 16-float vectors would leave half of a two-vector tile empty on 4 x 4 maps (ResNet's last stage),
+// and no AVX-512 machine has timed two.
+constexpr int kTileVectors = kVectorBytes == 64 ? 1 : 2;
+
+// Positions of vector u of a tile of tn positions: min(max(tn - u T, 0), T)
+template <typename S>
+inline int64_t vector_positions(int64_t tn, int u) { return std::clamp<int64_t>(tn - u * T<S>, 0, T<S>); }
+
+// xt [U][C] = the tile's U vectors of positions [l0, l0 + tn) of image img, minus shift
+template <int U, typename S, typename V>
+inline void gather_tile(const Tiles<S>& tl, const S* x, const S* shift, int64_t img, int64_t l0, int64_t tn, V* xt) {
+    for (int u = 0; u < U; ++u) tl.gather(x, shift, img, l0 + u * T<S>, vector_positions<S>(tn, u), xt + u * tl.c);
+}
+
+// r [M][U] of a stored R for the tile's U vectors
+template <int U, typename S, typename V>
+inline void load_r_tile(const Tiles<S>& tl, const S* R, int64_t img, int64_t l0, int64_t tn, int64_t m, int64_t lr,
+                        V* r) {
+    for (int u = 0; u < U; ++u) tl.load_r(R, img, l0 + u * T<S>, vector_positions<S>(tn, u), m, lr, r + u, U);
+}
 
 // Every pass and tile function takes the number of components twice: MM > 0 is M known at compile time
 // (the extern "C" entry points dispatch M = 1..8 so), which unrolls the loops over k and keeps the M
@@ -273,55 +316,77 @@ inline int64_t comps(int64_t m) { return MM > 0 ? MM : m; }
 // off every map-sized sum: 2(M-1) FMAs per element for the E-step instead of 2M, 2(M-1) + 1 for the output
 // instead of 2M + 1.  It is also the more accurate form of the E-step: the logits' common part, often
 // large, cancels in the (M, C) coefficients instead of between two map-sized sums.
+// scale (kLog2e for the E-step's logits, see exp2_nonpositive) multiplies the differences.
 template <typename S>
-std::vector<S> relative_rows(const S* t, int64_t m, int64_t w) {
+std::vector<S> relative_rows(const S* t, int64_t m, int64_t w, S scale = S(1)) {
     if (!t) return {};
     std::vector<S> out(t, t + m * w);
-    for (int64_t i = w; i < m * w; ++i) out[i] -= t[i % w];
+    for (int64_t i = w; i < m * w; ++i) out[i] = scale == S(1) ? out[i] - t[i % w] : (out[i] - t[i % w]) * scale;
     return out;
 }
 
-// Posteriors of one tile: softmax over k of const_k + sum_c x_c (w1_kc + x_c w2_kc), max-subtracted,
-// thresholded at 1e-30 (F.threshold of the GEMM kernel); coefficients relative_rows (logit_0 = 0).
-template <int MM, typename S, typename V>
+// Posteriors of one tile of U vectors: softmax over k of const_k + sum_c x_c (w1_kc + x_c w2_kc),
+// max-subtracted, thresholded at 1e-30 (F.threshold of the GEMM kernel); coefficients relative_rows
+// (logit_0 = 0) times log2(e), so the logits are in base 2 (exp2_nonpositive).  xt is [U][C] (vector u of channel ch at xt[u c + ch]), r is [M][U].  U > 1 loads each
+// coefficient once for U vectors and runs U independent FMA chains a component.
+template <int MM, int U, typename S, typename V>
 void estep_tile(const V* __restrict xt, int64_t c, int64_t m_, const S* __restrict w1, const S* __restrict w2,
                 const S* __restrict cst, V* __restrict r) {
     const int64_t m = comps<MM>(m_);
-    r[0] = V{};
-    for (int64_t k = 1; k < m; ++k) r[k] = V{} + cst[k];
+    for (int u = 0; u < U; ++u) r[u] = V{};
+    for (int64_t k = 1; k < m; ++k)
+        for (int u = 0; u < U; ++u) r[k * U + u] = V{} + cst[k];
     for (int64_t ch = 0; ch < c; ++ch) {
-        const V xv = xt[ch];
-        for (int64_t k = 1; k < m; ++k) r[k] += xv * (w1[k * c + ch] + xv * w2[k * c + ch]);
+        for (int64_t k = 1; k < m; ++k) {
+            const S a = w1[k * c + ch], b = w2[k * c + ch];
+            for (int u = 0; u < U; ++u) {
+                const V xv = xt[u * c + ch];
+                r[k * U + u] += xv * (a + xv * b);
+            }
+        }
     }
-    V mx = r[0];
-    for (int64_t k = 1; k < m; ++k) mx = r[k] > mx ? r[k] : mx;
-    V sum{};
-    for (int64_t k = 0; k < m; ++k) {
-        r[k] = exp_nonpositive<S>(r[k] - mx);
-        sum += r[k];
+    for (int u = 0; u < U; ++u) {
+        V mx = r[u];
+        for (int64_t k = 1; k < m; ++k) mx = r[k * U + u] > mx ? r[k * U + u] : mx;
+        for (int64_t k = 0; k < m; ++k) r[k * U + u] -= mx;
     }
-    const V inv = S(1) / sum;
-    for (int64_t k = 0; k < m; ++k) {
-        const V v = r[k] * inv;
-        r[k] = v > S(1e-30) ? v : V{};
+    if constexpr (MM > 0) {
+        exp2_nonpositive<MM * U, S>(r);
+    } else {
+        for (int64_t i = 0; i < m * U; ++i) exp2_nonpositive<1, S>(r + i);
+    }
+    for (int u = 0; u < U; ++u) {
+        V sum{};
+        for (int64_t k = 0; k < m; ++k) sum += r[k * U + u];
+        const V inv = S(1) / sum;
+        for (int64_t k = 0; k < m; ++k) {
+            const V v = r[k * U + u] * inv;
+            r[k * U + u] = v > S(1e-30) ? v : V{};
+        }
     }
 }
 
-// cnt_k += r_k, sq_k += r_k^2, p_kc += r_k x_c, q_kc += r_k x_c^2 over one tile
-template <int MM, typename S, typename V>
+// cnt_k += r_k, sq_k += r_k^2, p_kc += r_k x_c, q_kc += r_k x_c^2 over one tile of U vectors (xt [U][C],
+// r [M][U])
+template <int MM, int U, typename S, typename V>
 void accumulate_moments(const V* __restrict xt, const V* __restrict r, int64_t c, int64_t m_, V* __restrict cnt,
                         V* __restrict sq, V* __restrict p, V* __restrict q) {
     const int64_t m = comps<MM>(m_);
-    for (int64_t k = 0; k < m; ++k) {
-        cnt[k] += r[k];
-        sq[k] += r[k] * r[k];
-    }
+    for (int64_t k = 0; k < m; ++k)
+        for (int u = 0; u < U; ++u) {
+            cnt[k] += r[k * U + u];
+            sq[k] += r[k * U + u] * r[k * U + u];
+        }
     for (int64_t ch = 0; ch < c; ++ch) {
-        const V xv = xt[ch];
         for (int64_t k = 0; k < m; ++k) {
-            const V rx = r[k] * xv;
-            p[k * c + ch] += rx;
-            q[k * c + ch] += rx * xv;
+            V pk = p[k * c + ch], qk = q[k * c + ch];
+            for (int u = 0; u < U; ++u) {
+                const V xv = xt[u * c + ch], rx = r[k * U + u] * xv;
+                pk += rx;
+                qk += rx * xv;
+            }
+            p[k * c + ch] = pk;
+            q[k * c + ch] = qk;
         }
     }
 }
@@ -334,30 +399,37 @@ void estep_moments(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, 
     const Tiles<S> tl{n, c, l, cl};
     const int64_t width = 2 + 2 * c;
     std::vector<S> parts(static_cast<size_t>(nt) * m * width, S(0));
-    const std::vector<S> rw1 = relative_rows(w1, m, c), rw2 = relative_rows(w2, m, c), rcst = relative_rows(cst, m, 1);
+    const std::vector<S> rw1 = relative_rows(w1, m, c, S(kLog2e)), rw2 = relative_rows(w2, m, c, S(kLog2e)),
+                         rcst = relative_rows(cst, m, 1, S(kLog2e));
     int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        std::vector<V> xt(c), r(m), p(m * c), q(m * c), cnt(m), sq(m);
-        each_tile<S>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
-            tl.gather(x, shift, img, l0, tn, xt.data());
-            S valid[T<S>];
-            for (int64_t t = 0; t < T<S>; ++t) valid[t] = t < tn ? S(1) : S(0);
-            const V mask = load<S>(valid);
+        constexpr int U = kTileVectors;
+        std::vector<V> xt(U * c), r(U * m), p(m * c), q(m * c), cnt(m), sq(m);
+        each_tile<S, U>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            gather_tile<U>(tl, x, shift, img, l0, tn, xt.data());
+            V mask[U];
+            for (int u = 0; u < U; ++u) {
+                S valid[T<S>];
+                for (int64_t t = 0; t < T<S>; ++t) valid[t] = t < vector_positions<S>(tn, u) ? S(1) : S(0);
+                mask[u] = load<S>(valid);
+            }
             if (groups) {
-                for (int64_t k = 0; k < m; ++k) r[k] = k == groups[img] ? mask : V{};
+                for (int64_t k = 0; k < m; ++k)
+                    for (int u = 0; u < U; ++u) r[k * U + u] = k == groups[img] ? mask[u] : V{};
                 if (l0 == 0)
                     for (int64_t k = 0; k < m; ++k) R[img * m + k] = k == groups[img] ? S(1) : S(0);
             } else {
-                estep_tile<MM, S>(xt.data(), c, m, rw1.data(), rw2.data(), rcst.data(), r.data());
-                for (int64_t k = 0; k < m; ++k) {
-                    r[k] *= mask;  // padded positions weigh nothing
-                    S buf[T<S>];
-                    store(buf, r[k]);
-                    std::memcpy(R + (img * m + k) * l + l0, buf, tn * sizeof(S));
-                }
+                estep_tile<MM, U, S>(xt.data(), c, m, rw1.data(), rw2.data(), rcst.data(), r.data());
+                for (int64_t k = 0; k < m; ++k)
+                    for (int u = 0; u < U; ++u) {
+                        r[k * U + u] *= mask[u];  // padded positions weigh nothing
+                        S buf[T<S>];
+                        store(buf, r[k * U + u]);
+                        std::memcpy(R + (img * m + k) * l + l0 + u * T<S>, buf, vector_positions<S>(tn, u) * sizeof(S));
+                    }
             }
-            accumulate_moments<MM, S>(xt.data(), r.data(), c, m, cnt.data(), sq.data(), p.data(), q.data());
+            accumulate_moments<MM, U, S>(xt.data(), r.data(), c, m, cnt.data(), sq.data(), p.data(), q.data());
         });
         S* part = parts.data() + static_cast<size_t>(omp_get_thread_num()) * m * width;
         for (int64_t k = 0; k < m; ++k) {
@@ -377,29 +449,50 @@ void estep_moments(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, 
     }
 }
 
-// out = x (r^T A) [+ g (r^T B)] + r^T D over one tile, with A, B, D relative_rows (r_0 implied)
-template <int MM, typename S, typename V>
+// out = x (r^T A) [+ g (r^T B)] + r^T D over one tile of U vectors, with A, B, D relative_rows (r_0
+// implied); xt, gt are [U][C] and r is [M][U] as in estep_tile.  emit(u, ch, v) takes vector u of channel
+// ch of the output: into a [U][C] tile, or straight into a contiguous map (Tiles::direct).
+template <int MM, int U, typename S, typename V, typename Emit>
 void combine_tile(const V* __restrict xt, const V* __restrict gt, const V* __restrict r, int64_t c, int64_t m_,
-                  const S* __restrict A, const S* __restrict B, const S* __restrict D, V* __restrict ot) {
+                  const S* __restrict A, const S* __restrict B, const S* __restrict D, Emit&& emit) {
     const int64_t m = comps<MM>(m_);
     for (int64_t ch = 0; ch < c; ++ch) {
-        V a = V{} + A[ch], d = V{} + D[ch];
-        if (gt) {
-            V b = V{} + B[ch];
-            for (int64_t k = 1; k < m; ++k) {
-                a += r[k] * A[k * c + ch];
-                b += r[k] * B[k * c + ch];
-                d += r[k] * D[k * c + ch];
-            }
-            ot[ch] = xt[ch] * a + gt[ch] * b + d;
-        } else {
-            for (int64_t k = 1; k < m; ++k) {
-                a += r[k] * A[k * c + ch];
-                d += r[k] * D[k * c + ch];
-            }
-            ot[ch] = xt[ch] * a + d;
+        V a[U], b[U], d[U];
+        for (int u = 0; u < U; ++u) {
+            a[u] = V{} + A[ch];
+            d[u] = V{} + D[ch];
+            if (gt) b[u] = V{} + B[ch];
         }
+        for (int64_t k = 1; k < m; ++k) {
+            const S ak = A[k * c + ch], dk = D[k * c + ch], bk = gt ? B[k * c + ch] : S(0);
+            for (int u = 0; u < U; ++u) {
+                a[u] += r[k * U + u] * ak;
+                d[u] += r[k * U + u] * dk;
+                if (gt) b[u] += r[k * U + u] * bk;
+            }
+        }
+        for (int u = 0; u < U; ++u)
+            emit(u, ch, gt ? xt[u * c + ch] * a[u] + gt[u * c + ch] * b[u] + d[u] : xt[u * c + ch] * a[u] + d[u]);
     }
+}
+
+// The output of a tile of U vectors at positions [l0, l0 + tn) of image img: written straight into a
+// contiguous map when the tile is full (one load and one store a vector fewer than through a tile and
+// Tiles::scatter), else through ot [U][C] and scatter.
+template <int MM, int U, typename S, typename V>
+void combine_out(const Tiles<S>& tl, const V* xt, const V* gt, const V* r, int64_t m, const S* A, const S* B,
+                 const S* D, S* out, int64_t img, int64_t l0, int64_t tn, V* ot) {
+    const int64_t c = tl.c, l = tl.l;
+    if (!tl.cl && tn == U * T<S>) {
+        S* base = out + img * c * l + l0;
+        combine_tile<MM, U, S>(xt, gt, r, c, m, A, B, D, [base, l](int u, int64_t ch, V v) {
+            if (u == 0) __builtin_prefetch(base + ch * l + kAhead<S>, 1);
+            store(base + ch * l + u * T<S>, v);
+        });
+        return;
+    }
+    combine_tile<MM, U, S>(xt, gt, r, c, m, A, B, D, [ot, c](int u, int64_t ch, V v) { ot[u * c + ch] = v; });
+    for (int u = 0; u < U; ++u) tl.scatter(out, img, l0 + u * T<S>, vector_positions<S>(tn, u), ot + u * c);
 }
 
 template <int MM, typename S>
@@ -411,30 +504,34 @@ void combine(const S* x, const S* shift, const S* g, int64_t n, int64_t c, int64
     const std::vector<S> A = relative_rows(A_, m, c), B = relative_rows(B_, m, c), D = relative_rows(D_, m, c);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        std::vector<V> xt(c), gt(g ? c : 0), ot(c), r(m);
-        each_tile<S>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
-            tl.gather(x, shift, img, l0, tn, xt.data());
-            if (g) tl.gather(g, img, l0, tn, gt.data());
-            tl.load_r(R, img, l0, tn, m, lr, r.data());
-            combine_tile<MM, S>(xt.data(), g ? gt.data() : nullptr, r.data(), c, m, A.data(), B.data(), D.data(),
-                                ot.data());
-            tl.scatter(out, img, l0, tn, ot.data());
+        constexpr int U = kTileVectors;
+        std::vector<V> xt(U * c), gt(g ? U * c : 0), ot(U * c), r(U * m);
+        each_tile<S, U>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            gather_tile<U>(tl, x, shift, img, l0, tn, xt.data());
+            if (g) gather_tile<U>(tl, g, static_cast<const S*>(nullptr), img, l0, tn, gt.data());
+            load_r_tile<U>(tl, R, img, l0, tn, m, lr, r.data());
+            combine_out<MM, U, S>(tl, xt.data(), g ? gt.data() : nullptr, r.data(), m, A.data(), B.data(), D.data(),
+                                  out, img, l0, tn, ot.data());
         });
     }
 }
 
 
-// G_kc += r_k g_c, H_kc += r_k g_c x_c over one tile
-template <int MM, typename S, typename V>
+// G_kc += r_k g_c, H_kc += r_k g_c x_c over one tile of U vectors (xt, gt [U][C], r [M][U])
+template <int MM, int U, typename S, typename V>
 void accumulate_grad(const V* __restrict xt, const V* __restrict gt, const V* __restrict r, int64_t c,
                      int64_t m_, V* __restrict ga, V* __restrict ha) {
     const int64_t m = comps<MM>(m_);
     for (int64_t ch = 0; ch < c; ++ch) {
-        const V gv = gt[ch], xv = xt[ch];
         for (int64_t k = 0; k < m; ++k) {
-            const V rg = r[k] * gv;
-            ga[k * c + ch] += rg;
-            ha[k * c + ch] += rg * xv;
+            V gk = ga[k * c + ch], hk = ha[k * c + ch];
+            for (int u = 0; u < U; ++u) {
+                const V rg = r[k * U + u] * gt[u * c + ch];
+                gk += rg;
+                hk += rg * xt[u * c + ch];
+            }
+            ga[k * c + ch] = gk;
+            ha[k * c + ch] = hk;
         }
     }
 }
@@ -449,12 +546,13 @@ void grad_moments(const S* x, const S* shift, const S* g, int64_t n, int64_t c, 
     int used = 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        std::vector<V> xt(c), gt(c), r(m), ga(m * c), ha(m * c);
-        each_tile<S>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
-            tl.gather(x, shift, img, l0, tn, xt.data());
-            tl.gather(g, img, l0, tn, gt.data());
-            tl.load_r(R, img, l0, tn, m, lr, r.data());
-            accumulate_grad<MM, S>(xt.data(), gt.data(), r.data(), c, m, ga.data(), ha.data());
+        constexpr int U = kTileVectors;
+        std::vector<V> xt(U * c), gt(U * c), r(U * m), ga(m * c), ha(m * c);
+        each_tile<S, U>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            gather_tile<U>(tl, x, shift, img, l0, tn, xt.data());
+            gather_tile<U>(tl, g, static_cast<const S*>(nullptr), img, l0, tn, gt.data());
+            load_r_tile<U>(tl, R, img, l0, tn, m, lr, r.data());
+            accumulate_grad<MM, U, S>(xt.data(), gt.data(), r.data(), c, m, ga.data(), ha.data());
         });
         S* part = parts.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * m * c;
         for (int64_t i = 0; i < m * c; ++i) {
@@ -478,19 +576,20 @@ template <int MM, typename S>
 void eval(const S* x, const S* shift, int64_t n, int64_t c, int64_t l, int cl, const S* w1, const S* w2,
           const S* cst, int64_t m_, const S* scale, const S* offset, S* out, int nt) {
     typedef typename Lanes<S>::V V;
+    constexpr int U = kTileVectors;
     const int64_t m = comps<MM>(m_);
     const Tiles<S> tl{n, c, l, cl};
-    const std::vector<S> rw1 = relative_rows(w1, m, c), rw2 = relative_rows(w2, m, c), rcst = relative_rows(cst, m, 1),
+    const std::vector<S> rw1 = relative_rows(w1, m, c, S(kLog2e)), rw2 = relative_rows(w2, m, c, S(kLog2e)),
+                         rcst = relative_rows(cst, m, 1, S(kLog2e)),
                          A = relative_rows(scale, m, c), D = relative_rows(offset, m, c);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        std::vector<V> xt(c), ot(c), r(m);
-        each_tile<S>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
-            tl.gather(x, shift, img, l0, tn, xt.data());
-            estep_tile<MM, S>(xt.data(), c, m, rw1.data(), rw2.data(), rcst.data(), r.data());
-            combine_tile<MM, S>(xt.data(), static_cast<const V*>(nullptr), r.data(), c, m, A.data(),
-                                static_cast<const S*>(nullptr), D.data(), ot.data());
-            tl.scatter(out, img, l0, tn, ot.data());
+        std::vector<V> xt(U * c), ot(U * c), r(U * m);
+        each_tile<S, U>(n, l, [&](int64_t img, int64_t l0, int64_t tn) {
+            gather_tile<U>(tl, x, shift, img, l0, tn, xt.data());
+            estep_tile<MM, U, S>(xt.data(), c, m, rw1.data(), rw2.data(), rcst.data(), r.data());
+            combine_out<MM, U, S>(tl, xt.data(), static_cast<const V*>(nullptr), r.data(), m, A.data(),
+                                  static_cast<const S*>(nullptr), D.data(), out, img, l0, tn, ot.data());
         });
     }
 }
@@ -801,6 +900,7 @@ inline void with_components(int64_t m, F&& f) {
         });                                                                                                       \
     }                                                                                                             \
     extern "C" int64_t cbn_tile_positions_##SUF() { return T<S>; }                                               \
+    extern "C" int64_t cbn_tile_vectors_##SUF() { return kTileVectors; }                                        \
     extern "C" void cbn_coefficients_##SUF(const S* prior, const S* mean_rel, const S* var, int64_t m, int64_t c, \
                                           S eps, S temperature, S* w1, S* w2, S* cst) {                           \
         coefficients<S>(prior, mean_rel, var, m, c, eps, temperature, w1, w2, cst);                               \
