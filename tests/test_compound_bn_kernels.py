@@ -116,9 +116,10 @@ def test_native_kernel_matches_gemm_at_every_tile_boundary(positions, dtype, cha
 @pytest.mark.parametrize('m', [1, 3, 8, 9, 12])
 def test_native_kernel_matches_gemm_for_every_number_of_components(m):
     """The native passes are compiled with M = 1..8 known (unrolled) and read M at run time above that;
-    both paths, training (output, gradients, statistics) and eval, float64, both layouts."""
-    for cl in (False, True):
-        case = _case(6, m=m, c=5, hw=(3, 7), channels_last=cl)
+    both paths, training (output, gradients, statistics) and eval, float64, both layouts; 16 channels on
+    channels_last (a multiple of every T: the output and input gradient position by position)."""
+    for cl, c in ((False, 5), (True, 5), (True, 16)):
+        case = _case(6, m=m, c=c, hw=(3, 7), channels_last=cl)
         for training in (True, False):
             for a, b in zip(_run('gemm', case, training), _run('native', case, training)):
                 torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
