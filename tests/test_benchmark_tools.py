@@ -652,3 +652,24 @@ def test_norm_speed_profile_counts_calls_per_step_and_renders_both_models(tmp_pa
         text = (tmp_path / 'r.md').read_text()
         assert ('16x16 1t compiled (training %.2fx, eval 1.00x)' % nbn_train in text) == flagged
         assert ns.disturbed_cells(res) == ([('16x16 1t compiled', pytest.approx(nbn_train), 1.0)] if flagged else [])
+
+
+def test_op_overhead_times_both_kernels_per_map_and_sums_resnet32s_layers(tmp_path, capsys):
+    """benchmarks/cbn_op_overhead.py: one row per map (the fixed-cost map first), the network total is the
+    per-call time times each shape's layer count; bad options are refused before any timing."""
+    import json
+    import sys
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    bench = _load('cbn_op_overhead')
+    with pytest.raises(SystemExit):
+        bench.main(['--rounds', '0', '--out', str(tmp_path / 'never')])
+    assert '--rounds must be >= 1' in capsys.readouterr().err and not list(tmp_path.glob('never*'))
+    bench.main(['--rounds', '1', '--min_time', '0.001', '--components', '2', '--out', str(tmp_path / 'o')])
+    res = json.loads((tmp_path / 'o.json').read_text())
+    assert [(r['map'], r['layers']) for r in res['maps']] == [('2x64x2x2', 0), ('64x16x16x16', 11), ('64x32x8x8', 10),
+                                                              ('64x64x4x4', 10)]
+    for k in bench.KERNELS:
+        assert res['resnet32'][k] == pytest.approx(sum(r['layers'] * r[k] for r in res['maps']))
+        assert all(r[k] > 0 for r in res['maps'])
+    text = (tmp_path / 'o.md').read_text()
+    assert '| 2x64x2x2 |' in text and 'M = 2' in text and '--components 2' in res['command']

@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) of CompoundBatchNorm2d equals eager: outputs, gradients, running state."""
 import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -145,9 +146,12 @@ def test_compiled_layer_called_twice_before_backward_matches_eager(split, kernel
 
 
 def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
-    """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_native_eval_running
-    (eval) as single nodes, not the broadcasts of the pointwise formulation; with kernel='pointwise' it does not,
-    and only the pointwise graph copies the running state (lt_zoo::cbn_state_copy) for its backward."""
+    """On CPU the traced graph holds lt_zoo::cbn_native_train (training) and lt_zoo::cbn_cpp_eval_running
+    (eval, the C++ kernel, built here) as single nodes, not the broadcasts of the pointwise formulation; with
+    kernel='pointwise' it does not, and only the pointwise graph copies the running state
+    (lt_zoo::cbn_state_copy) for its backward."""
+    from lt_zoo.layers import compound_bn_torch
+    assert compound_bn_torch.available()  # a C++ compiler and ninja (a dependency) are all it needs
     graphs = []
 
     def recording_backend(gm, example_inputs):
@@ -165,7 +169,8 @@ def test_compiled_graph_calls_the_native_passes_as_custom_ops_on_cpu():
         with torch.no_grad():
             compiled(torch.randn(3, 4, 5, 5))
         text = '\n'.join(graphs)
-        assert ('cbn_native_train' in text) == expect and ('cbn_native_eval_running' in text) == expect, text
+        assert ('cbn_native_train' in text) == expect and ('cbn_cpp_eval_running' in text) == expect, text
+        assert 'cbn_native_eval_running' not in text, text
         # the native op's backward reads only its outputs: no copy of the running state for it
         assert ('cbn_state_copy' in text) == (not expect), text
 
@@ -187,8 +192,59 @@ def test_native_custom_ops_pass_torch_library_opcheck(groups):
               torch.randn(m, dtype=torch.float64), torch.randn(m, c, dtype=torch.float64),
               torch.randn(m, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)]
     torch.library.opcheck(compound_bn_ops.eval_forward, (x.detach(), *folded))
-    torch.library.opcheck(compound_bn_ops.eval_running, (x.detach(), *args[1:4], args[4].detach(), args[5].detach(),
-                                                         1e-5, 2.0, not groups))
+    for op in (compound_bn_ops.eval_running_py, compound_bn_ops.eval_running_cpp):
+        torch.library.opcheck(op, (x.detach(), *args[1:4], args[4].detach(), args[5].detach(), 1e-5, 2.0, not groups))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('m', [1, 4, 9])
+def test_cpp_eval_op_returns_the_python_ops_numbers_in_the_inputs_strides(dtype, m):
+    """lt_zoo::cbn_cpp_eval_running (C++ kernel) and lt_zoo::cbn_native_eval_running (Python kernel) call the
+    same native pass: bitwise the same output, in the input's strides, for a contiguous, a channels_last and
+    a permuted map (copied to a standard layout inside), statistics in another dtype, both combine rules."""
+    from lt_zoo.layers import compound_bn_ops, compound_bn_torch
+    assert compound_bn_torch.available()
+    torch.manual_seed(0)
+    c = 16
+    base = torch.randn(3, c, 5, 7, dtype=dtype)
+    stats = (torch.full((m,), 1 / m), 0.3 * torch.randn(m, c), 0.5 + torch.rand(m, c), torch.randn(m, c),
+             torch.randn(m, c))
+    stats = tuple(t.to(torch.float64 if dtype == torch.float32 else torch.float32) for t in stats)
+    for x in (base, base.contiguous(memory_format=torch.channels_last), base.permute(0, 1, 3, 2)):
+        for mn in (False, True):
+            want = compound_bn_ops.eval_running_py(x, *stats, 1e-5, 2.0, mn)
+            got = compound_bn_ops.eval_running_cpp(x, *stats, 1e-5, 2.0, mn)
+            assert got.dtype == dtype and got.stride() == x.stride() and torch.isfinite(got).all()
+            assert torch.equal(got, want)
+
+
+def test_cpp_eval_op_refuses_a_map_it_cannot_take():
+    from lt_zoo.layers import compound_bn_ops, compound_bn_torch
+    assert compound_bn_torch.available()
+    stats = (torch.full((2,), 0.5), torch.zeros(2, 4), torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match='expected a 4-D float32/float64 map, got 4-D Half'):
+        compound_bn_ops.eval_running_cpp(torch.zeros(1, 4, 2, 2, dtype=torch.float16), *stats, 1e-5, 1.0, False)
+
+
+def test_without_ninja_the_cpp_eval_op_is_off_with_one_warning_and_graphs_call_the_python_kernel(monkeypatch):
+    """No ninja (torch's own check fails before any build): available() is False with a warning naming the
+    cause, and compound_bn_ops.eval_running runs the Python kernel, with the same output."""
+    from torch.utils import cpp_extension
+    from lt_zoo.layers import compound_bn_ops, compound_bn_torch
+
+    def no_ninja():
+        raise RuntimeError('Ninja is required to load C++ extensions')
+    monkeypatch.setattr(compound_bn_torch, '_state', None)
+    monkeypatch.setattr(compound_bn_torch.shutil, 'which', lambda name: None)
+    monkeypatch.setitem(sys.modules, 'ninja', None)  # the pip package's binary is not there either
+    monkeypatch.setattr(cpp_extension, 'verify_ninja_availability', no_ninja)
+    with pytest.warns(RuntimeWarning, match='C\\+\\+ eval op of CompoundBatchNorm2d is off .*Ninja is required'):
+        assert not compound_bn_torch.available()
+    assert not compound_bn_torch.available()  # decided once
+    x = torch.randn(2, 4, 3, 3)
+    stats = (torch.full((2,), 0.5), 0.1 * torch.randn(2, 4), torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2, 4))
+    torch.testing.assert_close(compound_bn_ops.eval_running(x, *stats, 1e-5, 1.0, False),
+                               compound_bn_ops.eval_running_py(x, *stats, 1e-5, 1.0, False), rtol=0, atol=0)
 
 
 def _load_benchmark(name):

@@ -11,7 +11,9 @@ break, the convolutions and activations around them still compile, and the compi
   (``compound_bn_native.train_forward`` and ``train_backward``), the batch shift included;
 - ``lt_zoo::cbn_native_eval``: the eval forward from folded constants (no gradient);
 - ``lt_zoo::cbn_native_eval_running``: the same from the running state, the constants folded in the
-  same native call (what a compiled layer runs: no fold ops in the graph).
+  same native call (what a compiled layer runs: no fold ops in the graph);
+- ``lt_zoo::cbn_cpp_eval_running``: the same op with its kernel in C++ (:mod:`compound_bn_torch`, built on
+  first use), which a compiled layer traces instead when it builds: no Python per call.
 
 Each returns fresh tensors (a custom op's outputs may not alias); the (M, C) statistics come back as the
 one buffer the native call wrote them into, which :func:`train` splits.  The same math as the eager native path, which
@@ -23,8 +25,9 @@ import torch
 from torch import Tensor
 
 from . import compound_bn_native as _native
+from . import compound_bn_torch as _torch_ops
 
-__all__ = ['TrainOut', 'train', 'eval_forward', 'eval_running', 'applies']
+__all__ = ['TrainOut', 'train', 'eval_forward', 'eval_running', 'eval_running_py', 'eval_running_cpp', 'applies']
 
 
 @torch.compiler.assume_constant_result
@@ -151,14 +154,38 @@ def _(x, w1, w2, const, scale, offset, shift):
     return torch.empty_like(x)
 
 
-@_op('cbn_native_eval_running(Tensor x, Tensor prior, Tensor mean, Tensor var, Tensor weight, Tensor bias, '
-     'float eps, float temperature, bool mn) -> Tensor')
-def eval_running(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                 temperature: float, mn: bool) -> Tensor:
+_EVAL_RUNNING = ('(Tensor x, Tensor prior, Tensor mean, Tensor var, Tensor weight, Tensor bias, float eps, '
+                 'float temperature, bool mn) -> Tensor')
+
+
+@_op('cbn_native_eval_running' + _EVAL_RUNNING)
+def eval_running_py(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                    temperature: float, mn: bool) -> Tensor:
     """Eval output from the running state (compound_bn_native.eval_running) on the raw map; no gradient."""
     return _layout_of(_native.eval_running(_standard(x), prior, mean, var, weight, bias, eps, temperature, mn), x)
 
 
+# The same op with its CPU kernel in C++ (csrc/compound_bn_torch.cpp, registered by compound_bn_torch when it
+# builds): the schema and fake are defined here, once for both.
+_LIB.define('cbn_cpp_eval_running' + _EVAL_RUNNING, tags=_FLEXIBLE)
+eval_running_cpp = torch.ops.lt_zoo.cbn_cpp_eval_running.default
+
+
 @torch.library.register_fake('lt_zoo::cbn_native_eval_running')
+@torch.library.register_fake('lt_zoo::cbn_cpp_eval_running')
 def _(x, prior, mean, var, weight, bias, eps, temperature, mn):
     return torch.empty_like(x)
+
+
+@torch.compiler.assume_constant_result
+def _cpp_built() -> bool:
+    # as _built: evaluated once while dynamo traces (the build takes a lock), a constant of the graph
+    return _torch_ops.available()
+
+
+def eval_running(x: Tensor, prior: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                 temperature: float, mn: bool) -> Tensor:
+    """Eval output from the running state on the raw map, no gradient: lt_zoo::cbn_cpp_eval_running when its
+    C++ kernel is built (compound_bn_torch), else lt_zoo::cbn_native_eval_running; the same numbers."""
+    op = eval_running_cpp if _cpp_built() else eval_running_py
+    return op(x, prior, mean, var, weight, bias, eps, temperature, mn)
