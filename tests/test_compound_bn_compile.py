@@ -358,3 +358,20 @@ def test_gpu_layer_speed_refuses_bad_triton_tiles_before_any_work(tmp_path):
     assert proc.returncode == 1
     assert 'error: --triton_tiles 48x32w4: expected PxCwW with P and C powers of two' in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cpp_eval_op_links_the_native_library_this_process_loaded(monkeypatch, tmp_path):
+    """Once the native library is loaded, its source may change on disk (an edit, a checkout): library_path()
+    then names a file that was never built.  The C++ op is built for, and pointed at, the loaded file."""
+    from lt_zoo.layers import compound_bn_native, compound_bn_ops, compound_bn_torch
+    assert compound_bn_native.available()
+    loaded = compound_bn_native.loaded_path()
+    assert loaded.is_file() and loaded.name.startswith('compound_bn_cpu-')
+    monkeypatch.setattr(compound_bn_native, 'library_path', lambda: tmp_path / 'compound_bn_cpu-never-built.so')
+    monkeypatch.setattr(compound_bn_torch, '_state', None)
+    assert compound_bn_torch.available()
+    assert compound_bn_torch.build_directory(loaded).is_dir()
+    x = torch.randn(2, 4, 3, 3)
+    stats = (torch.full((2,), 0.5), 0.1 * torch.randn(2, 4), torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2, 4))
+    assert torch.equal(compound_bn_ops.eval_running_cpp(x, *stats, 1e-5, 1.0, False),
+                       compound_bn_ops.eval_running_py(x, *stats, 1e-5, 1.0, False))

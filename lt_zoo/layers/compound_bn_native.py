@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['available', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
+__all__ = ['available', 'loaded_path', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
            'tile_positions', 'tile_vectors', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update',
            'train_forward', 'train_backward', 'batch_statistics', 'train_buffer_size',
            'eval_running']
@@ -109,6 +109,12 @@ def _load():
 def available() -> bool:
     """True when the library is built (building it on the first call) and not turned off."""
     return _load() is not None
+
+
+def loaded_path() -> Optional[Path]:
+    """The file of the library this process loaded (None before :func:`available` or when off): the one to
+    link against, which :func:`library_path` no longer names once the source changes on disk."""
+    return Path(_lib._name) if _lib is not None else None
 
 
 def supports(x: torch.Tensor) -> bool:

@@ -32,14 +32,13 @@ _lock = threading.Lock()
 _state: Optional[bool] = None
 
 
-def _key() -> str:
-    return hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()
-                          + str(_native.library_path()).encode()).hexdigest()[:16]
+def _key(library: Path) -> str:
+    return hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + str(library).encode()).hexdigest()[:16]
 
 
-def build_directory() -> Path:
-    """Where the extension for this source, torch and native library is built (built or not)."""
-    return _native.library_path().parent / 'torch_ops' / _key()
+def build_directory(library: Path) -> Path:
+    """Where the extension for this source, torch and the native library file ``library`` is built."""
+    return library.parent / 'torch_ops' / _key(library)
 
 
 def _build() -> None:
@@ -51,11 +50,13 @@ def _build() -> None:
         except ImportError:
             pass
     cpp_extension.verify_ninja_availability()  # RuntimeError naming ninja, before any work
-    path = build_directory()
+    # the library this process loaded: its source on disk may have changed since (and library_path with it)
+    library = _native.loaded_path()
+    path = build_directory(library)
     path.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=f'lt_zoo_cbn_torch_{_key()}', sources=[str(_SRC)], build_directory=str(path),
+    cpp_extension.load(name=f'lt_zoo_cbn_torch_{_key(library)}', sources=[str(_SRC)], build_directory=str(path),
                        extra_cflags=['-O2'], is_python_module=False, verbose=False)
-    torch.ops.lt_zoo.cbn_cpp_set_library(str(_native.library_path()))
+    torch.ops.lt_zoo.cbn_cpp_set_library(str(library))
 
 
 def available() -> bool:

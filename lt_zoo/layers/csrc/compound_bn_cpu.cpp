@@ -280,8 +280,9 @@ struct Tiles {
 
 // Tiles of the passes are kTileVectors vectors of T positions: each (M, C) coefficient loaded once serves
 // them all, the E-step runs that many FMA chains a component, and the moments' accumulators are loaded
-// and stored once per kTileVectors vectors (on an AVX2 CPU at M = 4: eval 0.69x and the training passes
-// 0.76x the time of one-vector tiles; benchmarks/results/cbn_kernel_ab.md).  One vector with AVX-512:
+// and stored once per kTileVectors vectors (docs/compound_bn_numerics.md: with this file's other changes of
+// 2026-12-04, 0.66-0.76x the eval time and 0.75-0.80x the training time of one-vector tiles on an AVX2 CPU;
+// benchmarks/results/cbn_kernel_ab.md).  One vector with AVX-512:
 // its 16-float vectors would leave half of a two-vector tile empty on 4 x 4 maps (ResNet's last stage),
 // and no AVX-512 machine has timed two.
 constexpr int kTileVectors = kVectorBytes == 64 ? 1 : 2;
@@ -501,7 +502,7 @@ void combine_out(const Tiles<S>& tl, const V* xt, const V* gt, const V* r, int64
 // T x T transposes per T channels); x, g are the raw maps (x minus shift here), r [M][U] as in estep_tile,
 // rs scratch for M U T scalars.
 // The combine pass only: in eval the E-step has the transposed tile already, and re-reading the map
-// position by position made the pass 1.2x slower than combine_out's transpose back.
+// position by position made the pass 1.19-1.24x slower than combine_out's transpose back (an A/B run, not kept).
 template <int MM, int U, typename S, typename V>
 void combine_rows(const Tiles<S>& tl, const S* x, const S* shift, const S* g, const V* r, int64_t m_, const S* A,
                   const S* B, const S* D, S* out, int64_t img, int64_t l0, int64_t tn, S* __restrict rs) {
