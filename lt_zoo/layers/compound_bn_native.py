@@ -36,10 +36,10 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['available', 'loaded_path', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval', 'library_path',
-           'tile_positions', 'tile_vectors', 'coefficients', 'fold', 'batch_affine', 'backward_coefficients', 'running_update',
-           'train_forward', 'train_backward', 'batch_statistics', 'train_buffer_size',
-           'eval_running']
+__all__ = ['available', 'loaded_path', 'supports', 'estep_moments', 'combine', 'grad_moments', 'folded_eval',
+           'library_path', 'tile_positions', 'tile_vectors', 'coefficients', 'fold', 'batch_affine',
+           'backward_coefficients', 'running_update', 'train_forward', 'train_backward', 'batch_statistics',
+           'train_buffer_size', 'eval_running']
 
 _SRC = Path(__file__).with_name('csrc') / 'compound_bn_cpu.cpp'
 # -fassociative-math (with the two flags it needs) lets the compiler vectorise the sums over a tile; it
