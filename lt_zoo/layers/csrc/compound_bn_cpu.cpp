@@ -322,14 +322,15 @@ template <typename S>
 std::vector<S> relative_rows(const S* t, int64_t m, int64_t w, S scale = S(1)) {
     if (!t) return {};
     std::vector<S> out(t, t + m * w);
-    for (int64_t i = w; i < m * w; ++i) out[i] = scale == S(1) ? out[i] - t[i % w] : (out[i] - t[i % w]) * scale;
+    for (int64_t i = w; i < m * w; ++i) out[i] = (out[i] - t[i % w]) * scale;  // * 1 is exact
     return out;
 }
 
 // Posteriors of one tile of U vectors: softmax over k of const_k + sum_c x_c (w1_kc + x_c w2_kc),
 // max-subtracted, thresholded at 1e-30 (F.threshold of the GEMM kernel); coefficients relative_rows
-// (logit_0 = 0) times log2(e), so the logits are in base 2 (exp2_nonpositive).  xt is [U][C] (vector u of channel ch at xt[u c + ch]), r is [M][U].  U > 1 loads each
-// coefficient once for U vectors and runs U independent FMA chains a component.
+// (logit_0 = 0) times log2(e), so the logits are in base 2 (exp2_nonpositive).  xt is [U][C] (vector u of
+// channel ch at xt[u c + ch]), r is [M][U].  U > 1 loads each coefficient once for U vectors and runs U
+// independent FMA chains a component.
 template <int MM, int U, typename S, typename V>
 void estep_tile(const V* __restrict xt, int64_t c, int64_t m_, const S* __restrict w1, const S* __restrict w2,
                 const S* __restrict cst, V* __restrict r) {
