@@ -8,7 +8,7 @@ registers it for the CPU dispatch key of ``lt_zoo::cbn_cpp_eval_running`` and po
 library's entry points.  compound_bn_ops.eval_running then traces that op instead
 (benchmarks/cbn_op_overhead.py measures the two per call).
 
-The build (about 10-30 s) lands in ``$LT_ZOO_KERNEL_CACHE/torch_ops`` (default ``~/.cache/lt_zoo/kernels``),
+The build (once; seconds) lands in ``$LT_ZOO_KERNEL_CACHE/torch_ops`` (default ``~/.cache/lt_zoo/kernels``),
 keyed by the source, torch's version and the native library.  ``LT_ZOO_NATIVE=0``, a missing native
 library, no ninja or a failed build turn it off with one warning; compiled graphs then call the Python
 kernel, with the same results.

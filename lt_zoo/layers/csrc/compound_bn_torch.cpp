@@ -1,8 +1,8 @@
 // The CPU kernel of lt_zoo::cbn_cpp_eval_running in C++: the eval forward of Compound BN from the running
 // state, as lt_zoo::cbn_native_eval_running computes it in Python (lt_zoo/layers/compound_bn_ops.py),
 // without the Python between the dispatcher and the native pass.  A compiled ResNet-32 calls it 31 times
-// per eval forward; on a map too small for the pass to matter the Python kernel costs 2.5x this one per
-// call (26.1 us against 10.4 us on a 2x64x2x2 map, benchmarks/results/cbn_op_overhead.md).
+// per eval forward; on a map too small for the pass to matter the Python kernel costs 2.4x this one per
+// call (25.6 us against 10.6 us on a 2x64x2x2 map, benchmarks/results/cbn_op_overhead.md).
 //
 // Built on first use by lt_zoo/layers/compound_bn_torch.py with torch.utils.cpp_extension (torch headers,
 // ninja).  The schema, its flexible-layout tag and the fake implementation are defined in Python
